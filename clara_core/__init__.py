@@ -1,0 +1,7 @@
+"""clara core: hook specifications, plugin manager, registry, workspace and CLI."""
+
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "hookimpl"]

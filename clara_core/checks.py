@@ -1,0 +1,33 @@
+"""Checks made before an adapter is used: it belongs to the served base and its files are what was registered.
+
+The server, the vLLM resolver and export all call :func:`check_adapter_for_base`; a failure is a
+:class:`~clara_core.errors.Conflict` (HTTP 409) naming both hashes, and nothing is loaded.
+"""
+
+from __future__ import annotations
+
+from . import hashing
+from .errors import Conflict, InvalidInput
+from .registry import AdapterRecord, BaseRecord
+
+
+def check_adapter_for_base(adapter: AdapterRecord, base: BaseRecord) -> str:
+    """Raise :class:`Conflict` unless ``adapter`` was made for ``base`` and its files match its checksum.
+
+    Returns the checksum computed from the files.
+    """
+    if adapter.base_model_hash != base.base_model_hash:
+        raise Conflict(
+            f"adapter '{adapter.id}' was made for base {adapter.base_model_hash[:12]}, "
+            f"but the served base '{base.name}' is {base.base_model_hash[:12]}; serve its base or pick another adapter"
+        )
+    try:
+        actual = hashing.adapter_checksum(adapter.path)
+    except InvalidInput as exc:
+        raise Conflict(f"adapter '{adapter.id}' cannot be read from {adapter.path}: {exc}") from exc
+    if actual != adapter.adapter_checksum:
+        raise Conflict(
+            f"adapter '{adapter.id}' files changed since registration: registered checksum "
+            f"{(adapter.adapter_checksum or '-')[:12]}, files {actual[:12]}; run 'clara adapters verify {adapter.id}'"
+        )
+    return actual

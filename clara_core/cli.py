@@ -1,0 +1,149 @@
+"""The ``clara`` command line: a click root group with noun subgroups; plugins add commands through a hook.
+
+Nothing here imports torch, transformers, peft, vllm or llama_cpp: commands that need them import them inside
+their function bodies, so ``clara --help`` and ``clara adapters list`` stay fast.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ClaraError
+from .plugins import PluginManager, get_plugin_manager, warn_once
+from .registry import Registry
+from .workspace import Workspace
+
+
+class UserError(click.ClickException):
+    """A :class:`ClaraError` on its way out: one line on stderr, the error's exit code."""
+
+    def __init__(self, error: ClaraError) -> None:
+        super().__init__(error.message)
+        self.exit_code = error.exit_code  # type: ignore[misc]
+
+
+class ClaraContext:
+    """What every command can reach through ``click.get_current_context().obj``."""
+
+    def __init__(
+        self,
+        *,
+        workspace: Path | None = None,
+        engine: str | None = None,
+        plugins: PluginManager | None = None,
+    ) -> None:
+        self.workspace_option = workspace
+        self.engine_name = engine
+        self._plugins = plugins
+
+    @property
+    def plugins(self) -> PluginManager:
+        if self._plugins is None:
+            self._plugins = get_plugin_manager()
+        self._plugins.load()
+        warn_once(self._plugins, lambda line: click.echo(line, err=True))
+        return self._plugins
+
+    def workspace(self) -> Workspace:
+        return Workspace.find(self.workspace_option)
+
+    def registry(self) -> Registry:
+        return Registry.open(self.workspace().registry_path)
+
+
+class ClaraGroup(click.Group):
+    """Root group: adds plugin commands on first listing, turns ClaraError into one clean line."""
+
+    _plugin_commands_added = False
+
+    def _add_plugin_commands(self, ctx: click.Context) -> None:
+        if self._plugin_commands_added:
+            return
+        self._plugin_commands_added = True
+        obj = ctx.find_object(ClaraContext)
+        manager = obj.plugins if obj is not None else get_plugin_manager()
+        try:
+            manager.add_commands(self)
+        except ClaraError as exc:  # pragma: no cover - add_commands reports failures as warnings
+            click.echo(f"clara: warning: {exc}", err=True)
+        warn_once(manager, lambda line: click.echo(line, err=True))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands(ctx)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_plugin_commands(ctx)
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClaraError as exc:
+            raise UserError(exc) from None
+        except sqlite3.OperationalError as exc:
+            raise UserError(
+                ClaraError(f"registry error: {exc}; is another clara process holding it?")
+            ) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing half-made was kept.", err=True)
+            ctx.exit(130)
+
+
+@click.group(
+    cls=ClaraGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
+@click.option(
+    "--workspace",
+    "-w",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Workspace folder (default: $CLARA_HOME, else the current folder or the nearest parent with one).",
+)
+@click.option(
+    "--engine",
+    envvar="CLARA_ENGINE",
+    metavar="NAME",
+    help="Serving engine for commands that serve (default: transformers; env CLARA_ENGINE). See 'clara plugins'.",
+)
+@click.version_option(__version__, prog_name="clara")
+@click.pass_context
+def cli(ctx: click.Context, workspace: Path | None, engine: str | None) -> None:
+    """clara: one base model, many adapters.
+
+    Train LoRA / QLoRA / DoRA adapters, keep them in a registry with hashes, metrics and lineage, and serve
+    them with hot-swap behind one HTTP API. Start with 'clara init', or 'clara quickstart' for a demo.
+    """
+    existing = ctx.obj if isinstance(ctx.obj, ClaraContext) else None
+    ctx.obj = ClaraContext(
+        workspace=workspace or (existing.workspace_option if existing else None),
+        engine=engine or (existing.engine_name if existing else None),
+        plugins=existing._plugins if existing else None,
+    )
+
+
+def _register_core_commands() -> None:
+    from .commands import adapters, base, init, plugins_cmd
+
+    cli.add_command(init.init)
+    cli.add_command(plugins_cmd.plugins)
+    cli.add_command(base.base)
+    cli.add_command(adapters.adapters)
+
+
+_register_core_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="clara")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,870 @@
+"""The adapter registry: one SQLite file (``metadata/registry.db``) that ties every step together.
+
+Bases, adapters (and later composites), lineage, a metrics history and an append-only audit log. Writes take
+the database's write lock up front (``BEGIN IMMEDIATE``) and the file runs in WAL mode, so several processes
+can register at once: versions are assigned without gaps or clashes and readers are never blocked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import re
+import shutil
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+from sqlite_utils import Database
+
+from . import hashing
+from .errors import Conflict, InvalidInput, NotFound, RegistryError
+from .migrations import migrations
+from .workspace import Workspace, domain_key, make_adapter_id, normalise_domain, validate_adapter_id
+
+#: The keys of the plan's registry entry, in the plan's order, then the governance fields.
+PLAN_ENTRY_KEYS = (
+    "id",
+    "domain",
+    "method",
+    "rank",
+    "base_model_hash",
+    "tokenizer_hash",
+    "created",
+    "metrics",
+    "dataset_ref",
+)
+GOVERNANCE_KEYS = ("adapter_checksum", "license")
+EXPORT_SCHEMA = "clara.adapter_registry/1"
+
+_FOLDER_VERSION_RE = re.compile(r"^(?P<method>[a-z0-9_]+)-r(?P<rank>\d+)-v(?P<version>\d+)$")
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _loads(value: Any, default: Any) -> Any:
+    if value is None or value == "":
+        return default
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return default
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+@attrs.define
+class BaseRecord:
+    name: str
+    path: Path
+    base_model_hash: str
+    tokenizer_hash: str | None
+    architecture: str | None
+    model_type: str | None
+    config: dict
+    size_bytes: int
+    created: str
+
+    @classmethod
+    def from_row(cls, row: dict, workspace_root: Path) -> BaseRecord:
+        stored = Path(row["path"])
+        return cls(
+            name=row["name"],
+            path=stored if stored.is_absolute() else workspace_root / stored,
+            base_model_hash=row["base_model_hash"],
+            tokenizer_hash=row["tokenizer_hash"],
+            architecture=row["architecture"],
+            model_type=row["model_type"],
+            config=_loads(row["config"], {}),
+            size_bytes=row["size_bytes"] or 0,
+            created=row["created"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "base_model_hash": self.base_model_hash,
+            "tokenizer_hash": self.tokenizer_hash,
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "size_bytes": self.size_bytes,
+            "created": self.created,
+        }
+
+
+@attrs.define
+class AdapterDraft:
+    """Everything known about an adapter before the registry gives it an id and a version."""
+
+    domain: list[str]
+    method: str
+    rank: int
+    base_model_hash: str
+    adapter_checksum: str
+    alpha: float | None = None
+    use_rslora: bool = False
+    target_modules: list[str] = attrs.field(factory=list)
+    tokenizer_hash: str | None = None
+    dataset_ref: str | None = None
+    license: str | None = None
+    peft_config: dict = attrs.field(factory=dict)
+    training_config: dict = attrs.field(factory=dict)
+    seed: int | None = None
+    library_versions: dict = attrs.field(factory=dict)
+    metrics: dict = attrs.field(factory=dict)
+    kind: str = "adapter"
+    size_bytes: int = 0
+    created: str = attrs.field(factory=utcnow)
+
+
+@attrs.define
+class AdapterRecord:
+    id: str
+    kind: str
+    domain: list[str]
+    method: str
+    rank: int
+    alpha: float | None
+    use_rslora: bool
+    target_modules: list[str]
+    base_model_hash: str
+    tokenizer_hash: str | None
+    created: str
+    metrics: dict
+    dataset_ref: str | None
+    adapter_checksum: str | None
+    license: str | None
+    path: Path
+    stored_path: str
+    status: str
+    version: int
+    peft_config: dict
+    training_config: dict
+    seed: int | None
+    library_versions: dict
+    size_bytes: int
+
+    @classmethod
+    def from_row(cls, row: dict, workspace_root: Path) -> AdapterRecord:
+        stored = row["path"]
+        path = Path(stored)
+        return cls(
+            id=row["id"],
+            kind=row["kind"] or "adapter",
+            domain=_loads(row["domain"], []),
+            method=row["method"],
+            rank=row["rank"],
+            alpha=row["alpha"],
+            use_rslora=bool(row["use_rslora"]),
+            target_modules=_loads(row["target_modules"], []),
+            base_model_hash=row["base_model_hash"],
+            tokenizer_hash=row["tokenizer_hash"],
+            created=row["created"],
+            metrics=_loads(row["metrics"], {}),
+            dataset_ref=row["dataset_ref"],
+            adapter_checksum=row["adapter_checksum"],
+            license=row["license"],
+            path=path if path.is_absolute() else workspace_root / path,
+            stored_path=stored,
+            status=row["status"],
+            version=row["version"],
+            peft_config=_loads(row["peft_config"], {}),
+            training_config=_loads(row["training_config"], {}),
+            seed=row["seed"],
+            library_versions=_loads(row["library_versions"], {}),
+            size_bytes=row["size_bytes"] or 0,
+        )
+
+    def to_entry(self) -> dict[str, Any]:
+        """The plan's registry entry (its keys first, in its order), then everything else clara records."""
+        entry: dict[str, Any] = {
+            "id": self.id,
+            "domain": list(self.domain),
+            "method": self.method,
+            "rank": self.rank,
+            "base_model_hash": self.base_model_hash,
+            "tokenizer_hash": self.tokenizer_hash,
+            "created": self.created,
+            "metrics": dict(self.metrics),
+            "dataset_ref": self.dataset_ref,
+            "adapter_checksum": self.adapter_checksum,
+            "license": self.license,
+            "kind": self.kind,
+            "version": self.version,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": list(self.target_modules),
+            "path": self.stored_path,
+            "status": self.status,
+            "seed": self.seed,
+            "peft_config": self.peft_config,
+            "training_config": self.training_config,
+            "library_versions": self.library_versions,
+            "size_bytes": self.size_bytes,
+        }
+        return entry
+
+
+def dataset_ref(path: str, sha256: str) -> str:
+    """The ``dataset_ref`` string: the dataset's path and its sha256 (``data/x.jsonl@sha256:<hex>``)."""
+    return f"{path}@sha256:{sha256}"
+
+
+def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
+    path, sep, digest = ref.rpartition("@sha256:")
+    return (path, digest) if sep else (ref, None)
+
+
+class Registry:
+    """Open with :meth:`open`; every write is one transaction with its audit entry."""
+
+    def __init__(self, db: Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+        self.root = path.parent.parent  # <workspace>/metadata/registry.db
+
+    # -- opening -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False) -> Registry:
+        path = Path(path)
+        if not path.exists() and not create:
+            raise RegistryError(f"{path}: no registry here; run 'clara init' in the workspace first")
+        try:
+            conn = sqlite3.connect(str(path), timeout=60)
+            conn.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(
+                f"{path} is not a clara registry (not an SQLite database: {exc}); "
+                "move it aside and run 'clara init' again"
+            ) from exc
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            pass  # read-only media: WAL is an optimisation, not a requirement
+        conn.execute("PRAGMA foreign_keys=ON")
+        db = Database(conn, execute_plugins=False)
+        registry = cls(db, path)
+        try:
+            registry._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return registry
+
+    def _migrate(self) -> None:
+        known = {m.name for m in migrations._migrations}
+        try:
+            applied = {m.name for m in migrations.applied(self.db)}
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"{self.path} is not a clara registry ({exc})") from exc
+        newer = sorted(applied - known)
+        if newer:
+            raise RegistryError(
+                f"{self.path} was written by a newer clara (schema migrations {', '.join(newer)} are unknown "
+                "here); upgrade clara-core to use this registry"
+            )
+        if len(applied) == len(known):
+            return
+        other_tables = {t for t in self.db.table_names() if not t.startswith("_sqlite")}
+        if not applied and other_tables and "adapters" not in other_tables:
+            raise RegistryError(
+                f"{self.path} is an SQLite database but not a clara registry (tables: "
+                f"{', '.join(sorted(other_tables)[:5])}); move it aside and run 'clara init' again"
+            )
+        with self._write():
+            # Pending is re-read under the write lock: another process may have migrated meanwhile.
+            migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction holding the write lock from its start (no lost updates between processes)."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def audit(self, action: str, subject: str, details: dict[str, Any] | None = None) -> None:
+        try:
+            actor = getpass.getuser()
+        except Exception:  # no user name in some containers
+            actor = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+        self.db.table("audit_log").insert(
+            {
+                "ts": utcnow(),
+                "action": action,
+                "subject": subject,
+                "actor": actor,
+                "pid": os.getpid(),
+                "details": _dumps(details or {}),
+            }
+        )
+
+    def audit_entries(self, subject: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("subject = ?", [subject]) if subject else (None, [])
+        rows = self.db["audit_log"].rows_where(where, args, order_by="id")
+        return [{**row, "details": _loads(row["details"], {})} for row in rows]
+
+    # -- the per-file hash cache -------------------------------------------------------------------------------
+
+    def get(self, path: str, size: int, mtime_ns: int) -> str | None:
+        row = self.db.execute(
+            "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
+            [path, size, mtime_ns],
+        ).fetchone()
+        return row[0] if row else None
+
+    def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        with self._write():
+            self.db.table("file_hashes").upsert(
+                {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
+            )
+
+    # -- bases -------------------------------------------------------------------------------------------------
+
+    def add_base(
+        self, path: Path, *, name: str | None = None, workspace: Workspace | None = None
+    ) -> BaseRecord:
+        path = Path(path).resolve()
+        config = hashing.read_model_config(path)
+        base_hash = hashing.base_model_hash(path, cache=self)
+        tok_hash = hashing.tokenizer_hash(path, cache=self)
+        base_name = normalise_base_name(name or path.name)
+        architectures = config.get("architectures") or []
+        row = {
+            "name": base_name,
+            "path": workspace.relative(path) if workspace else str(path),
+            "base_model_hash": base_hash,
+            "tokenizer_hash": tok_hash,
+            "architecture": architectures[0] if architectures else None,
+            "model_type": config.get("model_type"),
+            "config": _dumps(config),
+            "size_bytes": hashing.folder_size(path),
+            "created": utcnow(),
+        }
+        with self._write():
+            existing = self.db.execute(
+                "SELECT name FROM bases WHERE base_model_hash = ?", [base_hash]
+            ).fetchone()
+            if existing:
+                raise Conflict(
+                    f"{path}: this base is already registered as '{existing[0]}' (same base_model_hash "
+                    f"{base_hash[:12]}); use that name"
+                )
+            if self.db.execute("SELECT 1 FROM bases WHERE name = ?", [base_name]).fetchone():
+                raise Conflict(
+                    f"a different base is already registered as '{base_name}'; choose another --name"
+                )
+            self.db.table("bases").insert(row)
+            self.audit("base.add", base_name, {"path": row["path"], "base_model_hash": base_hash})
+        return self.get_base(base_name)
+
+    def list_bases(self) -> list[BaseRecord]:
+        return [BaseRecord.from_row(r, self.root) for r in self.db["bases"].rows_where(order_by="name")]
+
+    def get_base(self, name_or_hash: str) -> BaseRecord:
+        rows = list(
+            self.db["bases"].rows_where("name = ? OR base_model_hash = ?", [name_or_hash, name_or_hash])
+        )
+        if not rows:
+            known = ", ".join(b.name for b in self.list_bases()) or "none"
+            raise NotFound(
+                f"base '{name_or_hash}' is not registered (registered: {known}); add it with 'clara base add PATH'"
+            )
+        return BaseRecord.from_row(rows[0], self.root)
+
+    def choose_base(self, name: str | None = None) -> BaseRecord:
+        """The base named ``name``, or the workspace's only base when no name is given."""
+        if name:
+            return self.get_base(name)
+        bases = self.list_bases()
+        if not bases:
+            raise NotFound("no base model is registered; add one with 'clara base add PATH'")
+        if len(bases) > 1:
+            names = ", ".join(b.name for b in bases)
+            raise InvalidInput(f"several bases are registered ({names}); choose one with --base NAME")
+        return bases[0]
+
+    def find_base(self, base_model_hash: str) -> BaseRecord | None:
+        rows = list(self.db["bases"].rows_where("base_model_hash = ?", [base_model_hash]))
+        return BaseRecord.from_row(rows[0], self.root) if rows else None
+
+    def base_for_path(self, path: Path) -> BaseRecord | None:
+        """The base registered at ``path`` (the same folder), if any."""
+        resolved = Path(path).resolve()
+        for base in self.list_bases():
+            if base.path.resolve() == resolved:
+                return base
+        return None
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+
+    def _next_version(self, key: str, method: str, rank: int) -> int:
+        row = self.db.execute(
+            "SELECT MAX(version) FROM adapters WHERE domain_key = ? AND method = ? AND rank = ?",
+            [key, method, rank],
+        ).fetchone()
+        return (row[0] or 0) + 1
+
+    def next_version(self, domains: Sequence[str], method: str, rank: int) -> int:
+        """The version the next adapter of this domain, method and rank would get (informational)."""
+        return self._next_version(domain_key([normalise_domain(d) for d in domains]), method, rank)
+
+    def register_adapter(
+        self,
+        draft: AdapterDraft,
+        source: Path,
+        workspace: Workspace,
+        *,
+        place: str = "move",
+        target: Path | None = None,
+    ) -> AdapterRecord:
+        """Give ``draft`` an id and a version, put its folder in place and record it, all or nothing.
+
+        ``place``: ``move`` renames ``source`` (a finished folder in the workspace's staging area) into the
+        convention's location (or ``target``); ``copy`` copies it there first; ``in_place`` records ``source``
+        where it lies. The version is the next free one for (domain, method, rank), or the one in ``target``'s
+        folder name (``lora-r16-v3``).
+        """
+        if place not in ("move", "copy", "in_place"):
+            raise ValueError(f"place must be move, copy or in_place, not {place!r}")
+        domains = [normalise_domain(d) for d in draft.domain]
+        if not domains:
+            raise InvalidInput("an adapter needs at least one domain (--domain)")
+        method = draft.method.strip().lower()
+        if draft.rank < 1:
+            raise InvalidInput(f"rank must be at least 1, got {draft.rank}")
+        key = domain_key(domains)
+        requested_version = _version_from_folder(target, method, draft.rank) if target is not None else None
+        staged: Path | None = None
+        if place == "copy":
+            workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
+            staged = workspace.tmp_dir / f"copy-{os.getpid()}-{source.name}"
+            if staged.exists():
+                shutil.rmtree(staged)
+            shutil.copytree(source, staged)
+        try:
+            with self._write():
+                version = requested_version or self._next_version(key, method, draft.rank)
+                adapter_id = make_adapter_id(domains, method, draft.rank, version)
+                if self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone():
+                    raise Conflict(
+                        f"adapter '{adapter_id}' is already registered; choose another version or folder"
+                    )
+                if place == "in_place":
+                    final = Path(source).resolve()
+                else:
+                    final = (
+                        Path(target).resolve()
+                        if target is not None
+                        else workspace.adapter_dir(domains, method, draft.rank, version)
+                    )
+                    if target is None:
+                        while (
+                            final.exists()
+                        ):  # an unregistered folder already sits there: take the next version
+                            version += 1
+                            adapter_id = make_adapter_id(domains, method, draft.rank, version)
+                            final = workspace.adapter_dir(domains, method, draft.rank, version)
+                    elif final.exists():
+                        raise Conflict(f"{final} already exists; clara never overwrites an adapter folder")
+                    if self.db.execute(
+                        "SELECT id FROM adapters WHERE path = ?", [workspace.relative(final)]
+                    ).fetchone():
+                        raise Conflict(f"{final} is already registered")
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(staged if staged is not None else source, final)
+                try:
+                    row = self._adapter_row(
+                        draft, adapter_id, domains, key, method, version, workspace.relative(final)
+                    )
+                    self.db.table("adapters").insert(row)
+                    self.audit(
+                        "adapter.register",
+                        adapter_id,
+                        {"path": row["path"], "adapter_checksum": draft.adapter_checksum, "kind": draft.kind},
+                    )
+                except BaseException:
+                    if place != "in_place" and final.exists():
+                        os.rename(final, staged if staged is not None else source)
+                    raise
+        finally:
+            if staged is not None and staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+        return self.get_adapter(adapter_id)
+
+    @staticmethod
+    def _adapter_row(
+        draft: AdapterDraft,
+        adapter_id: str,
+        domains: list[str],
+        key: str,
+        method: str,
+        version: int,
+        path: str,
+    ) -> dict[str, Any]:
+        return {
+            "id": adapter_id,
+            "kind": draft.kind,
+            "domain": _dumps(domains),
+            "domain_key": key,
+            "method": method,
+            "rank": draft.rank,
+            "alpha": draft.alpha,
+            "use_rslora": int(bool(draft.use_rslora)),
+            "target_modules": _dumps(sorted(draft.target_modules)),
+            "base_model_hash": draft.base_model_hash,
+            "tokenizer_hash": draft.tokenizer_hash,
+            "created": draft.created,
+            "metrics": _dumps(draft.metrics),
+            "dataset_ref": draft.dataset_ref,
+            "adapter_checksum": draft.adapter_checksum,
+            "license": draft.license,
+            "path": path,
+            "status": "ready",
+            "version": version,
+            "peft_config": _dumps(draft.peft_config),
+            "training_config": _dumps(draft.training_config),
+            "seed": draft.seed,
+            "library_versions": _dumps(draft.library_versions),
+            "size_bytes": draft.size_bytes,
+        }
+
+    def list_adapters(
+        self, *, domain: str | None = None, method: str | None = None, kind: str | None = None
+    ) -> list[AdapterRecord]:
+        clauses, args = [], []
+        if domain:
+            clauses.append("EXISTS (SELECT 1 FROM json_each(adapters.domain) WHERE json_each.value = ?)")
+            args.append(normalise_domain(domain))
+        if method:
+            clauses.append("method = ?")
+            args.append(method.strip().lower())
+        if kind:
+            clauses.append("kind = ?")
+            args.append(kind)
+        where = " AND ".join(clauses) or None
+        rows = self.db["adapters"].rows_where(where, args, order_by="domain_key, method, rank, version")
+        return [AdapterRecord.from_row(r, self.root) for r in rows]
+
+    def get_adapter(self, adapter_id: str) -> AdapterRecord:
+        validate_adapter_id(adapter_id)
+        rows = list(self.db["adapters"].rows_where("id = ?", [adapter_id]))
+        if not rows:
+            raise NotFound(f"adapter '{adapter_id}' is not registered; see 'clara adapters list'")
+        return AdapterRecord.from_row(rows[0], self.root)
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone() is not None
+
+    def dependents(self, adapter_id: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT DISTINCT composite_id FROM lineage WHERE component_id = ?", [adapter_id]
+        )
+        return [r[0] for r in rows.fetchall()]
+
+    def remove_adapter(
+        self, adapter_id: str, workspace: Workspace, *, delete_files: bool = True
+    ) -> AdapterRecord:
+        record = self.get_adapter(adapter_id)
+        users = self.dependents(adapter_id)
+        if users:
+            raise Conflict(
+                f"adapter '{adapter_id}' is a component of {', '.join(users)}; remove those composites first"
+            )
+        trash: Path | None = None
+        with self._write():
+            self.db.execute("DELETE FROM adapters WHERE id = ?", [adapter_id])
+            self.db.execute("DELETE FROM lineage WHERE composite_id = ?", [adapter_id])
+            self.audit(
+                "adapter.remove", adapter_id, {"path": record.stored_path, "deleted_files": delete_files}
+            )
+            if delete_files and workspace.contains(record.path) and record.path.exists():
+                # Moved aside inside the transaction; deleted only once the row is gone for good.
+                workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
+                trash = workspace.tmp_dir / f"removed-{adapter_id}-{os.getpid()}"
+                os.rename(record.path, trash)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return record
+
+    def set_status(self, adapter_id: str, status: str) -> None:
+        with self._write():
+            self.db.execute("UPDATE adapters SET status = ? WHERE id = ?", [status, adapter_id])
+            self.audit("adapter.status", adapter_id, {"status": status})
+
+    # -- lineage and metrics -----------------------------------------------------------------------------------
+
+    def add_lineage(
+        self,
+        composite_id: str,
+        components: Sequence[tuple[str, float | None]],
+        strategy: str,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        with self._write():
+            for position, (component_id, weight) in enumerate(components):
+                component = self.get_adapter(component_id)
+                self.db.table("lineage").insert(
+                    {
+                        "composite_id": composite_id,
+                        "component_id": component_id,
+                        "position": position,
+                        "weight": weight,
+                        "strategy": strategy,
+                        "options": _dumps(options or {}),
+                        "component_checksum": component.adapter_checksum,
+                    }
+                )
+            self.audit(
+                "lineage.add", composite_id, {"components": [c for c, _ in components], "strategy": strategy}
+            )
+
+    def lineage(self, composite_id: str) -> list[dict[str, Any]]:
+        rows = self.db["lineage"].rows_where("composite_id = ?", [composite_id], order_by="position")
+        return [{**r, "options": _loads(r["options"], {})} for r in rows]
+
+    def add_metrics(
+        self,
+        adapter_id: str,
+        metrics: dict[str, float],
+        *,
+        eval_set: str | None = None,
+        eval_set_sha256: str | None = None,
+        run_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Append to the metrics history (with the checksum measured) and update the latest values."""
+        now = utcnow()
+        with self._write():
+            record = self.get_adapter(adapter_id)
+            for name, value in metrics.items():
+                self.db.table("metrics_history").insert(
+                    {
+                        "adapter_id": adapter_id,
+                        "adapter_checksum": record.adapter_checksum,
+                        "name": name,
+                        "value": float(value),
+                        "eval_set": eval_set,
+                        "eval_set_sha256": eval_set_sha256,
+                        "run_id": run_id,
+                        "details": _dumps(details or {}),
+                        "created": now,
+                    }
+                )
+            latest = {**record.metrics, **{k: float(v) for k, v in metrics.items()}}
+            self.db.execute("UPDATE adapters SET metrics = ? WHERE id = ?", [_dumps(latest), adapter_id])
+            self.audit("metrics.add", adapter_id, {"metrics": dict(metrics), "eval_set": eval_set})
+
+    def metrics_history(self, adapter_id: str) -> list[dict[str, Any]]:
+        rows = self.db["metrics_history"].rows_where("adapter_id = ?", [adapter_id], order_by="id")
+        return [{**r, "details": _loads(r["details"], {})} for r in rows]
+
+    # -- JSON export / import ----------------------------------------------------------------------------------
+
+    def export_document(self) -> dict[str, Any]:
+        adapters = self.list_adapters()
+        entries = []
+        for adapter in adapters:
+            entry = adapter.to_entry()
+            lineage = self.lineage(adapter.id)
+            if lineage:
+                entry["lineage"] = [
+                    {
+                        "component_id": r["component_id"],
+                        "weight": r["weight"],
+                        "strategy": r["strategy"],
+                        "options": r["options"],
+                        "component_checksum": r["component_checksum"],
+                    }
+                    for r in lineage
+                ]
+            entries.append(entry)
+        return {
+            "schema": EXPORT_SCHEMA,
+            "comment": (
+                "clara adapter registry. Each entry starts with the plan's fields (id, domain, method, rank, "
+                "base_model_hash, tokenizer_hash, created, metrics, dataset_ref) and the governance fields "
+                "(adapter_checksum, license); the rest is what clara needs to restore the registry with "
+                "'clara adapters import-json'."
+            ),
+            "exported": utcnow(),
+            "bases": [b.to_json() for b in self.list_bases()],
+            "adapters": entries,
+        }
+
+    def import_document(self, document: Any, source: str, workspace: Workspace) -> dict[str, list[str]]:
+        """Restore entries written by :meth:`export_document`; all or nothing. Returns added/unchanged ids."""
+        entries = document.get("adapters") if isinstance(document, dict) else document
+        if not isinstance(entries, list):
+            raise InvalidInput(f"{source}: expected a list of adapter entries or an object with 'adapters'")
+        bases = document.get("bases", []) if isinstance(document, dict) else []
+        parsed = [_entry_to_row(entry, index, source) for index, entry in enumerate(entries)]
+        added: list[str] = []
+        unchanged: list[str] = []
+        with self._write():
+            for base in bases if isinstance(bases, list) else []:
+                if not isinstance(base, dict) or not {"name", "path", "base_model_hash"} <= set(base):
+                    raise InvalidInput(f"{source}: a base entry needs name, path and base_model_hash")
+                if (
+                    self.find_base(base["base_model_hash"]) is None
+                    and not self.db.execute("SELECT 1 FROM bases WHERE name = ?", [base["name"]]).fetchone()
+                ):
+                    self.db.table("bases").insert(
+                        {
+                            "name": base["name"],
+                            "path": workspace.relative(Path(base["path"])),
+                            "base_model_hash": base["base_model_hash"],
+                            "tokenizer_hash": base.get("tokenizer_hash"),
+                            "architecture": base.get("architecture"),
+                            "model_type": base.get("model_type"),
+                            "config": _dumps({}),
+                            "size_bytes": base.get("size_bytes") or 0,
+                            "created": base.get("created") or utcnow(),
+                        }
+                    )
+            for row, lineage in parsed:
+                existing = list(self.db["adapters"].rows_where("id = ?", [row["id"]]))
+                if existing:
+                    if existing[0]["adapter_checksum"] != row["adapter_checksum"]:
+                        raise Conflict(
+                            f"{source}: adapter '{row['id']}' is registered here with a different checksum "
+                            f"({str(existing[0]['adapter_checksum'])[:12]} vs {str(row['adapter_checksum'])[:12]}); "
+                            "nothing was imported"
+                        )
+                    unchanged.append(row["id"])
+                    continue
+                clash = self.db.execute(
+                    "SELECT id FROM adapters WHERE domain_key = ? AND method = ? AND rank = ? AND version = ?",
+                    [row["domain_key"], row["method"], row["rank"], row["version"]],
+                ).fetchone()
+                if clash:
+                    raise Conflict(
+                        f"{source}: '{row['id']}' would take version {row['version']} already used by '{clash[0]}'; "
+                        "nothing was imported"
+                    )
+                row["status"] = "ready" if workspace.resolve(row["path"]).exists() else "missing"
+                self.db.table("adapters").insert(row)
+                for position, item in enumerate(lineage):
+                    self.db.table("lineage").insert(
+                        {
+                            "composite_id": row["id"],
+                            "component_id": item["component_id"],
+                            "position": position,
+                            "weight": item.get("weight"),
+                            "strategy": item.get("strategy") or "",
+                            "options": _dumps(item.get("options") or {}),
+                            "component_checksum": item.get("component_checksum"),
+                        }
+                    )
+                added.append(row["id"])
+            self.audit("registry.import", source, {"added": added, "unchanged": unchanged})
+        return {"added": added, "unchanged": unchanged}
+
+
+def normalise_base_name(value: str) -> str:
+    name = value.strip().lower().replace(" ", "_")
+    if not re.match(r"^[a-z0-9][a-z0-9._-]*$", name) or ".." in name:
+        raise InvalidInput(f"invalid base name {value!r}: use a-z, 0-9, '.', '_' and '-' (like leo_base)")
+    return name
+
+
+def _version_from_folder(target: Path | None, method: str, rank: int) -> int | None:
+    if target is None:
+        return None
+    match = _FOLDER_VERSION_RE.match(Path(target).name)
+    if match and match["method"] == method and int(match["rank"]) == rank:
+        return int(match["version"])
+    return None
+
+
+_REQUIRED_ENTRY_KEYS = ("id", "domain", "method", "rank", "base_model_hash", "created")
+
+
+def _entry_to_row(entry: Any, index: int, source: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    where = f"{source}: entry {index + 1}"
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"{where}: expected an object")
+    missing = [k for k in _REQUIRED_ENTRY_KEYS if entry.get(k) in (None, "")]
+    if missing:
+        raise InvalidInput(f"{where}: missing {', '.join(missing)}")
+    adapter_id = str(entry["id"])
+    try:
+        validate_adapter_id(adapter_id)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{where}: {exc}") from exc
+    domains = entry["domain"] if isinstance(entry["domain"], list) else [entry["domain"]]
+    domains = [normalise_domain(str(d)) for d in domains]
+    if not isinstance(entry["rank"], int) or entry["rank"] < 1:
+        raise InvalidInput(f"{where}: rank must be a positive integer")
+    version = entry.get("version")
+    if not isinstance(version, int):
+        match = re.search(r"-v(\d+)$", adapter_id)
+        version = int(match.group(1)) if match else 1
+    stored_path = (
+        entry.get("path")
+        or f"models/adapters/{domain_key(domains)}/{entry['method']}-r{entry['rank']}-v{version}"
+    )
+    stored_path = str(stored_path)
+    if ".." in Path(stored_path).parts:
+        raise InvalidInput(f"{where}: path {stored_path!r} must not contain '..'")
+    lineage = entry.get("lineage") or []
+    if not isinstance(lineage, list):
+        raise InvalidInput(f"{where}: lineage must be a list")
+    row = {
+        "id": adapter_id,
+        "kind": entry.get("kind") or "adapter",
+        "domain": _dumps(domains),
+        "domain_key": domain_key(domains),
+        "method": str(entry["method"]),
+        "rank": entry["rank"],
+        "alpha": entry.get("alpha"),
+        "use_rslora": int(bool(entry.get("use_rslora"))),
+        "target_modules": _dumps(entry.get("target_modules") or []),
+        "base_model_hash": entry["base_model_hash"],
+        "tokenizer_hash": entry.get("tokenizer_hash"),
+        "created": entry["created"],
+        "metrics": _dumps(entry.get("metrics") or {}),
+        "dataset_ref": entry.get("dataset_ref"),
+        "adapter_checksum": entry.get("adapter_checksum"),
+        "license": entry.get("license"),
+        "path": stored_path,
+        "status": entry.get("status") or "ready",
+        "version": version,
+        "peft_config": _dumps(entry.get("peft_config") or {}),
+        "training_config": _dumps(entry.get("training_config") or {}),
+        "seed": entry.get("seed"),
+        "library_versions": _dumps(entry.get("library_versions") or {}),
+        "size_bytes": entry.get("size_bytes") or 0,
+    }
+    return row, lineage

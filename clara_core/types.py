@@ -1,0 +1,430 @@
+"""What plugins register, and the interfaces their implementations fill in.
+
+A hook implementation calls ``register(...)`` with one of the registration classes below
+(:class:`TrainerMethod`, :class:`MergeStrategy`, :class:`Engine`, :class:`Exporter`, :class:`Router`): a
+normalised ``name``, a ``factory`` that builds the implementation, a one-line ``description`` and the
+``options`` the implementation accepts beyond the ones clara itself defines. Options declared here reach the
+implementation as a plain mapping, so the core never needs to know a plugin's options (the ``ties`` strategy's
+``--density`` is one).
+
+The factory is called lazily, only when a command needs the implementation, so that importing a plugin stays
+cheap: heavy libraries (torch, transformers, peft, vllm, llama_cpp) are imported inside the factory or the
+implementation's methods, never at a plugin module's top.
+
+This module imports nothing heavy either; tensors and models appear in annotations only.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from .registry import AdapterRecord, BaseRecord
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def normalise_name(value: str) -> str:
+    """Lower-case, trimmed, spaces to ``-``; must then match ``[a-z0-9][a-z0-9_.-]*``."""
+    if not isinstance(value, str):
+        raise TypeError(f"a plugin registration name must be a string, got {type(value).__name__}")
+    name = value.strip().lower().replace(" ", "-")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid registration name {value!r}: use letters, digits, '_', '.' and '-'")
+    return name
+
+
+_OPTION_TYPES = (str, int, float, bool)
+
+
+@attrs.frozen
+class Option:
+    """An option an implementation accepts, turned into a command-line flag by the command that uses it.
+
+    ``name`` is the Python name (``majority_sign``); the flag is ``--majority-sign``. The value reaches the
+    implementation in its ``options`` mapping under ``name``.
+    """
+
+    name: str = attrs.field(converter=lambda v: normalise_name(v).replace("-", "_").replace(".", "_"))
+    type: builtins.type = attrs.field(default=str)
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = attrs.field(
+        default=None, converter=lambda v: None if v is None else tuple(v)
+    )
+    multiple: bool = False
+
+    @type.validator
+    def _check_type(self, _attribute: attrs.Attribute, value: builtins.type) -> None:
+        if value not in _OPTION_TYPES:
+            raise ValueError(f"option {self.name!r}: type must be one of str, int, float, bool")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _options(value: Sequence[Option]) -> tuple[Option, ...]:
+    options = tuple(value)
+    for option in options:
+        if not isinstance(option, Option):
+            raise TypeError(f"options must be clara_core.types.Option instances, got {option!r}")
+    names = [o.name for o in options]
+    if len(names) != len(set(names)):
+        raise ValueError(f"duplicate option names in {names}")
+    return options
+
+
+@attrs.frozen
+class Registration:
+    """Common shape of everything a hook registers."""
+
+    #: What a user types (``--method dora``, ``--engine vllm``), normalised to lower case.
+    name: str = attrs.field(converter=normalise_name)
+    #: Called with no arguments (or with the documented ones for engines) to build the implementation.
+    factory: Callable[..., Any] = attrs.field(validator=attrs.validators.is_callable())
+    #: One line for ``clara plugins`` and ``--help``.
+    description: str = ""
+    #: Implementation-specific options; the core turns them into flags and passes their values through.
+    options: tuple[Option, ...] = attrs.field(default=(), converter=_options)
+
+    #: Human name of the kind, used in messages ("unknown engine 'x'").
+    kind: ClassVar[str] = "plugin"
+
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        return self.factory(*args, **kwargs)
+
+
+@attrs.frozen
+class TrainerMethod(Registration):
+    """A way to train an adapter: how the base is loaded and how the PEFT config is built."""
+
+    kind: ClassVar[str] = "trainer method"
+
+
+@attrs.frozen
+class MergeStrategy(Registration):
+    """A way to combine several adapters into one composite."""
+
+    kind: ClassVar[str] = "merge strategy"
+
+
+@attrs.frozen
+class Engine(Registration):
+    """A serving engine: loads the base once and serves many adapters behind clara's HTTP API."""
+
+    kind: ClassVar[str] = "engine"
+
+
+@attrs.frozen
+class Exporter(Registration):
+    """An export target (``clara export <name> ID``), for example ``ollama``."""
+
+    kind: ClassVar[str] = "exporter"
+
+
+@attrs.frozen
+class Router(Registration):
+    """A router: picks the adapter for a prompt."""
+
+    kind: ClassVar[str] = "router"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trainer methods
+# --------------------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class AdapterSpec:
+    """The adapter-shaping options every trainer method takes (``--rank``, ``--alpha``, ...).
+
+    ``target_modules`` of ``None`` means: every linear projection of the architecture. ``options`` holds the
+    method's own declared options by name.
+    """
+
+    rank: int
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    use_rslora: bool = False
+    seed: int = 0
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else 2 * self.rank)
+
+
+class TrainerMethodImpl(abc.ABC):
+    """What a trainer method provides. The training loop, datasets, checkpoints and registration are shared.
+
+    A method decides how the base is loaded (full precision, 4-bit, 8-bit, ...) and how the PEFT config is
+    built (LoRA, DoRA, ...). Everything else is clara's job.
+    """
+
+    #: Python distributions whose versions are recorded with the adapter (``torch``, ``transformers`` and
+    #: ``peft`` are always recorded).
+    recorded_packages: tuple[str, ...] = ()
+
+    def check(self, spec: AdapterSpec) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Refuse unusable options before any work starts (raise :class:`clara_core.errors.ClaraError`)."""
+
+    @abc.abstractmethod
+    def load_base(
+        self, base_path: Path, spec: AdapterSpec, *, dtype: Any = None, device_map: Any = None
+    ) -> Any:
+        """Load the base model from a Hugging Face folder, ready for PEFT (a ``PreTrainedModel``)."""
+
+    @abc.abstractmethod
+    def peft_config(self, model: Any, spec: AdapterSpec, target_modules: list[str]) -> Any:
+        """Build the ``peft.PeftConfig`` for this method; ``target_modules`` is already resolved."""
+
+    def prepare(self, model: Any, spec: AdapterSpec) -> Any:
+        """Adjust the loaded base before PEFT wraps it (``prepare_model_for_kbit_training`` for k-bit bases)."""
+        return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Merge strategies
+# --------------------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class ModuleDelta:
+    """One component adapter's contribution to one module of the base.
+
+    The LoRA delta is ``scaling * lora_B @ lora_A`` (``scaling`` is alpha/r, or alpha/sqrt(r) for rsLoRA).
+    For DoRA ``magnitude`` holds the learned magnitude vector and the effective weight is
+    ``magnitude * (W + delta) / ||W + delta||`` (row norms), so a dense ``base_weight`` is needed.
+    """
+
+    adapter_id: str
+    lora_A: Any  # torch.Tensor [r, in]
+    lora_B: Any  # torch.Tensor [out, r]
+    scaling: float
+    magnitude: Any = None  # torch.Tensor [out] for DoRA, else None
+
+
+@attrs.define
+class MergedModule:
+    """A strategy's answer for one module: either low-rank factors or a dense weight delta.
+
+    With factors, the composite stores ``lora_A``/``lora_B`` at scaling 1 (exact, rank = rows of ``lora_A``).
+    With ``dense_delta``, clara compresses it by truncated SVD to the requested rank and records the error.
+    """
+
+    lora_A: Any = None
+    lora_B: Any = None
+    dense_delta: Any = None
+
+
+class MergeStrategyImpl(abc.ABC):
+    """What a merge strategy provides.
+
+    ``merge_module`` is called once per target module with each component's :class:`ModuleDelta` that touches
+    the module (the union of the components' modules is covered), the user's weights in the same order, the
+    base weight (a dense tensor; needed for DoRA and for sequential application), and the strategy's own
+    declared options.
+    """
+
+    #: True where the order of the components changes the result (``sequential``).
+    order_sensitive: bool = False
+
+    def check(self, weights: Sequence[float], options: Mapping[str, Any]) -> None:  # noqa: B027
+        """Refuse unusable weights or options before any tensor is read."""
+
+    @abc.abstractmethod
+    def merge_module(
+        self,
+        module: str,
+        deltas: Sequence[ModuleDelta],
+        weights: Sequence[float],
+        base_weight: Any,
+        options: Mapping[str, Any],
+    ) -> MergedModule:
+        """Combine the components' deltas for one module."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class GenerationRequest:
+    """One request to an engine. ``adapter_id`` of ``None`` means the base model alone."""
+
+    prompt: str
+    adapter_id: str | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = attrs.field(factory=list)
+    seed: int | None = None
+    request_id: str = ""
+
+
+@attrs.define
+class GenerationChunk:
+    """A piece of a streamed answer. The last chunk has ``finish_reason`` set ("stop", "length", "abort")."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@attrs.define
+class EngineCapabilities:
+    """What an engine can do, reported in ``/health``.
+
+    ``mixed_adapter_batching``: one forward pass can serve requests on different adapters. Where it is false
+    (llama.cpp), requests on different adapters take turns.
+    """
+
+    mixed_adapter_batching: bool
+    streaming: bool = True
+    notes: str = ""
+
+
+@attrs.define
+class EngineOptions:
+    """What ``clara serve`` hands an engine's factory besides the base."""
+
+    max_loaded: int = 8
+    max_queue: int = 64
+    #: Engine-specific options declared on the registration (``max_lora_rank`` for vLLM, ...).
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+class EngineImpl(abc.ABC):
+    """What a serving engine provides. Built by ``Engine.factory(base, options)`` with a ``BaseRecord`` and
+    :class:`EngineOptions`; the base is loaded once in :meth:`start` and never again for the engine's life.
+
+    Adapters are loaded by :meth:`load_adapter` from a registry record (the server has already checked the
+    base hash and the adapter checksum); :meth:`generate` streams one request's answer, and an engine batches
+    concurrent requests as it can (see :class:`EngineCapabilities`).
+    """
+
+    capabilities: EngineCapabilities = EngineCapabilities(mixed_adapter_batching=False)
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Load the base model (once)."""
+
+    @abc.abstractmethod
+    def load_adapter(self, adapter: AdapterRecord) -> None:
+        """Make the adapter available for requests, without reloading the base."""
+
+    @abc.abstractmethod
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Free the adapter's memory."""
+
+    @abc.abstractmethod
+    def loaded_adapters(self) -> list[str]:
+        """Ids of the adapters currently loaded."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer to one request; concurrent calls may be batched together by the engine."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """Turn OpenAI-style chat messages into a prompt with the base tokenizer's chat template."""
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` for the base tokenizer (for usage and limits)."""
+        return len(text.split())
+
+    def health(self) -> dict[str, Any]:
+        """Engine-specific details for ``/health``."""
+        return {}
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional
+        """Release the model and any background workers."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exporters
+# --------------------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class ExportResult:
+    """What an export wrote: every file (recorded with its sha256 in the registry) and anything to tell the
+    user (``ollama create ...``)."""
+
+    files: list[Path]
+    details: dict[str, Any] = attrs.field(factory=dict)
+    message: str = ""
+
+
+class ExporterImpl(abc.ABC):
+    """What an exporter provides. Writes into ``out_dir`` (a fresh temporary folder that clara renames into
+    place and registers only when the export returns without error)."""
+
+    @abc.abstractmethod
+    def export(
+        self,
+        adapter: AdapterRecord,
+        base: BaseRecord,
+        out_dir: Path,
+        options: Mapping[str, Any],
+    ) -> ExportResult:
+        """Write the export files into ``out_dir``."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@attrs.define
+class RouteDecision:
+    """A router's choice for one prompt: ``adapter_id`` of ``None`` means the base model answers."""
+
+    adapter_id: str | None
+    score: float
+    scores: dict[str, float] = attrs.field(factory=dict)
+
+
+class RouterImpl(abc.ABC):
+    """What a router provides: fitted on registered adapters, saved beside the registry, used by the server.
+
+    ``state_dir`` is a folder the router owns (under ``metadata/routers/<name>/``); :meth:`save` writes
+    everything :meth:`load` needs.
+    """
+
+    @abc.abstractmethod
+    def fit(self, adapters: Sequence[AdapterRecord], base: BaseRecord, options: Mapping[str, Any]) -> None:
+        """Learn how to choose among ``adapters``."""
+
+    @abc.abstractmethod
+    def route(self, prompt: str) -> RouteDecision:
+        """Choose the adapter for one prompt."""
+
+    @abc.abstractmethod
+    def save(self, state_dir: Path) -> None:
+        """Persist the fitted state."""
+
+    @abc.abstractmethod
+    def load(self, state_dir: Path) -> None:
+        """Restore a fitted state written by :meth:`save`."""
+
+
+#: The registration classes by hook name, in the order ``clara plugins`` prints them.
+REGISTRATION_KINDS: dict[str, type[Registration]] = {
+    "register_trainer_methods": TrainerMethod,
+    "register_merge_strategies": MergeStrategy,
+    "register_engines": Engine,
+    "register_exporters": Exporter,
+    "register_routers": Router,
+}
