@@ -260,7 +260,15 @@ class MergeStrategyImpl(abc.ABC):
 
 @attrs.define
 class GenerationRequest:
-    """One request to an engine. ``adapter_id`` of ``None`` means the base model alone."""
+    """One request to an engine, already validated by the server.
+
+    ``adapter_id`` of ``None`` means the base model alone; otherwise the adapter is loaded (the server calls
+    :meth:`EngineImpl.load_adapter` before it hands the request over, and keeps it loaded until the request
+    ends). ``temperature`` 0 means greedy decoding. ``stop`` strings end the answer and are not part of it.
+    ``seed`` makes sampling reproducible per request. ``ignore_eos`` keeps generating past the end-of-sequence
+    token up to ``max_tokens`` (benchmarks; vLLM's ``SamplingParams.ignore_eos``). ``add_special_tokens`` is
+    False for prompts rendered by :meth:`EngineImpl.render_chat`, whose template already holds them.
+    """
 
     prompt: str
     adapter_id: str | None = None
@@ -270,11 +278,17 @@ class GenerationRequest:
     stop: list[str] = attrs.field(factory=list)
     seed: int | None = None
     request_id: str = ""
+    ignore_eos: bool = False
+    add_special_tokens: bool = True
 
 
 @attrs.define
 class GenerationChunk:
-    """A piece of a streamed answer. The last chunk has ``finish_reason`` set ("stop", "length", "abort")."""
+    """A piece of a streamed answer: ``text`` is new text since the previous chunk (may be empty).
+
+    ``prompt_tokens`` and ``completion_tokens`` are running totals. The last chunk has ``finish_reason`` set:
+    ``"stop"`` (end-of-sequence token or a stop string), ``"length"`` (``max_tokens`` reached) or ``"abort"``.
+    """
 
     text: str
     finish_reason: str | None = None
@@ -287,17 +301,26 @@ class EngineCapabilities:
     """What an engine can do, reported in ``/health``.
 
     ``mixed_adapter_batching``: one forward pass can serve requests on different adapters. Where it is false
-    (llama.cpp), requests on different adapters take turns.
+    (llama.cpp), requests on different adapters take turns. ``max_model_len``: prompt plus answer tokens the
+    engine can hold per request (``None``: unknown); the server refuses longer requests with 422 before they
+    reach the engine. Engines set it on the instance in :meth:`EngineImpl.start` once the base is known.
     """
 
     mixed_adapter_batching: bool
     streaming: bool = True
+    max_model_len: int | None = None
     notes: str = ""
 
 
 @attrs.define
 class EngineOptions:
-    """What ``clara serve`` hands an engine's factory besides the base."""
+    """What ``clara serve`` hands an engine's factory besides the base.
+
+    ``max_loaded``: adapters the server keeps loaded at once (it evicts the least recently used idle one
+    before loading another, so an engine never sees more); ``max_queue``: requests the server admits at once.
+    ``extra`` holds the values of the options declared on the :class:`Engine` registration (``clara serve
+    -o name=value``), already converted to their declared types, defaults filled in.
+    """
 
     max_loaded: int = 8
     max_queue: int = 64
@@ -309,24 +332,32 @@ class EngineImpl(abc.ABC):
     """What a serving engine provides. Built by ``Engine.factory(base, options)`` with a ``BaseRecord`` and
     :class:`EngineOptions`; the base is loaded once in :meth:`start` and never again for the engine's life.
 
-    Adapters are loaded by :meth:`load_adapter` from a registry record (the server has already checked the
-    base hash and the adapter checksum); :meth:`generate` streams one request's answer, and an engine batches
-    concurrent requests as it can (see :class:`EngineCapabilities`).
+    The server (``clara_core.serving``) owns everything engines share: the registry lookup by id, the base
+    hash and checksum checks (done before :meth:`load_adapter` is called), the LRU of loaded adapters, the
+    request queue, limits, metrics and the HTTP API. An engine only loads weights and generates.
+
+    Everything is called from the server's event loop; the coroutines must not block it (run blocking work in
+    a thread or a worker of the engine's own). :meth:`generate` is an async generator: the server closes it
+    (``aclose()``) when the client goes away, and the engine must then free the request's slot at once.
+    Concurrent :meth:`generate` calls are batched together by the engine as it can (see
+    :class:`EngineCapabilities`). Errors the user can act on are :class:`clara_core.errors.ClaraError`.
     """
 
     capabilities: EngineCapabilities = EngineCapabilities(mixed_adapter_batching=False)
 
     @abc.abstractmethod
-    def start(self) -> None:
-        """Load the base model (once)."""
+    async def start(self) -> None:
+        """Load the base model (once) and start any workers."""
 
     @abc.abstractmethod
-    def load_adapter(self, adapter: AdapterRecord) -> None:
-        """Make the adapter available for requests, without reloading the base."""
+    async def load_adapter(self, adapter: AdapterRecord) -> None:
+        """Make the adapter (its folder is ``adapter.path``) available under ``adapter.id``, without
+        reloading the base. Raise :class:`clara_core.errors.ClaraError` for adapters this engine cannot
+        serve (the message says what to do)."""
 
     @abc.abstractmethod
-    def unload_adapter(self, adapter_id: str) -> None:
-        """Free the adapter's memory."""
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Free the adapter's memory. The server only unloads adapters no request is using."""
 
     @abc.abstractmethod
     def loaded_adapters(self) -> list[str]:
@@ -334,7 +365,7 @@ class EngineImpl(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream the answer to one request; concurrent calls may be batched together by the engine."""
+        """Stream the answer to one request (an async generator); the last chunk has ``finish_reason``."""
 
     @abc.abstractmethod
     def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -345,7 +376,7 @@ class EngineImpl(abc.ABC):
         return len(text.split())
 
     def health(self) -> dict[str, Any]:
-        """Engine-specific details for ``/health``."""
+        """Engine-specific details for ``/health`` (device, batch sizes, base loads, ...)."""
         return {}
 
     async def shutdown(self) -> None:  # noqa: B027 - optional
