@@ -483,6 +483,10 @@ class Registry:
                     )
                 if place == "in_place":
                     final = Path(source).resolve()
+                    if self.db.execute(
+                        "SELECT id FROM adapters WHERE path = ?", [workspace.relative(final)]
+                    ).fetchone():
+                        raise Conflict(f"{final} is already registered")
                 else:
                     final = (
                         Path(target).resolve()
@@ -586,6 +590,14 @@ class Registry:
 
     def has_adapter(self, adapter_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone() is not None
+
+    def find_by_checksum(self, adapter_checksum: str, base_model_hash: str) -> AdapterRecord | None:
+        rows = list(
+            self.db["adapters"].rows_where(
+                "adapter_checksum = ? AND base_model_hash = ?", [adapter_checksum, base_model_hash], limit=1
+            )
+        )
+        return AdapterRecord.from_row(rows[0], self.root) if rows else None
 
     def dependents(self, adapter_id: str) -> list[str]:
         rows = self.db.execute(

@@ -248,6 +248,10 @@ def register(
         problems = adapter_base_mismatches(path, base.path)
         if problems:
             raise Conflict(f"{path} does not fit base '{base.name}': {'; '.join(problems)}")
+        checksum = hashing.adapter_checksum(path)
+        duplicate = registry.find_by_checksum(checksum, base.base_model_hash)
+        if duplicate is not None:
+            raise Conflict(f"{path} is already registered as '{duplicate.id}' (same adapter_checksum)")
         rank = int(config.get("r") or 0)
         draft = AdapterDraft(
             domain=list(domains),
@@ -258,7 +262,7 @@ def register(
             target_modules=_target_modules(config),
             base_model_hash=base.base_model_hash,
             tokenizer_hash=base.tokenizer_hash,
-            adapter_checksum=hashing.adapter_checksum(path),
+            adapter_checksum=checksum,
             dataset_ref=dataset_ref(
                 os.path.relpath(dataset.resolve(), workspace.root)
                 if workspace.contains(dataset)
