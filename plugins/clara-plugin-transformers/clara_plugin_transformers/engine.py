@@ -1,0 +1,551 @@
+"""The transformers engine: one base loaded once, many PEFT adapters, continuous mixed-adapter batching.
+
+A single worker thread owns the model. Requests arrive through an inbox and join the running batch at the
+next decoding step (continuous batching): they are prefilled together, and their KV caches are merged into
+the running batch's cache (left-padded to one length, masked). One forward pass serves rows on different LoRA
+adapters through PEFT's ``adapter_names``, so adapters share the base's computation. DoRA adapters, which PEFT
+cannot mix in a batch, each get their own group, decoded in turn with the mixed group. Adapter loads and
+unloads run on the same worker between steps, so the model never changes under a running forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from clara_core.errors import ClaraError, InvalidInput
+from clara_core.types import (
+    EngineCapabilities,
+    EngineImpl,
+    EngineOptions,
+    GenerationChunk,
+    GenerationRequest,
+)
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+class _Sequence:
+    """One request inside the engine: its tokens, decoding state and the way back to its event loop."""
+
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], loop: Any, queue: Any) -> None:
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.loop = loop
+        self.queue = queue
+        self.generated: list[int] = []
+        self.emitted = 0  # characters of the decoded text already sent
+        self.cancelled = False
+        self.finished = False
+        self.generator: Any = None
+        self.adapter_name = request.adapter_id or BASE
+
+    def send(self, item: GenerationChunk | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the request's event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+
+class _Group:
+    """Rows decoded together in one forward pass, with their shared (left-padded) KV cache."""
+
+    def __init__(self, key: str, rows: list[_Sequence], cache: Any, mask: Any, positions: Any) -> None:
+        self.key = key  # "mixed", or the id of a DoRA adapter
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # [B, T] 1 for real tokens in the cache
+        self.positions = positions  # [B] position id of each row's next token
+
+
+class TransformersEngine(EngineImpl):
+    capabilities = EngineCapabilities(
+        mixed_adapter_batching=True,
+        notes="continuous batching; LoRA rows share forward passes, each DoRA adapter decodes in its own group",
+    )
+
+    def __init__(self, base: Any, options: EngineOptions) -> None:
+        self.base = base
+        self.options = options
+        extra = options.extra
+        self.device_name = str(extra.get("device") or "auto")
+        self.dtype_name = str(extra.get("dtype") or "auto")
+        self.max_batch_size = int(extra.get("max_batch_size") or 32)
+        if self.max_batch_size < 1:
+            raise InvalidInput(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        self.base_loads = 0
+        self.adapter_loads = 0
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.peft: Any = None
+        self.device: Any = None
+        self.dtype: Any = None
+        self._dora: dict[str, bool] = {}
+        self._active: str | None = None
+        self._eos: set[int] = set()
+        self._inbox: deque[_Sequence] = deque()
+        self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._groups: list[_Group] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self._cache_arg = "past_key_values"
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.model is not None:
+            return
+        await asyncio.to_thread(self._load_base)
+        self._thread = threading.Thread(target=self._run, name="clara-transformers-engine", daemon=True)
+        self._thread.start()
+
+    def _load_base(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.device_name == "auto":
+            if torch.cuda.is_available():
+                device = "cuda"
+            elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                device = "mps"
+            else:
+                device = "cpu"
+        else:
+            device = self.device_name
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise InvalidInput(
+                f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N, mps or auto"
+            ) from exc
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if self.dtype_name == "auto":
+            self.dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        elif self.dtype_name in dtypes:
+            self.dtype = dtypes[self.dtype_name]
+        else:
+            raise InvalidInput(f"unknown dtype {self.dtype_name!r}; use float32, bfloat16, float16 or auto")
+        path = Path(self.base.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        self.base_loads += 1
+        # transformers 5.x renamed the forward argument past_key_values to cache
+        forward_params = inspect.signature(type(self.model).forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.capabilities = EngineCapabilities(
+            mixed_adapter_batching=True,
+            max_model_len=int(max_len) if max_len else None,
+            notes=type(self).capabilities.notes,
+        )
+
+    async def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self.model = self.peft = None
+
+    # -- adapters ----------------------------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker thread between decoding steps."""
+        if self._thread is None:
+            raise ClaraError("the engine is not started")
+        future: Future = Future()
+        with self._cond:
+            self._commands.append((fn, future))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    async def load_adapter(self, adapter: Any) -> None:
+        await self._call(lambda: self._load_adapter(adapter.id, Path(adapter.path)))
+
+    def _load_adapter(self, adapter_id: str, path: Path) -> None:
+        from peft import PeftModel
+
+        if adapter_id in self._dora:
+            return
+        try:
+            config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ClaraError(
+                f"adapter '{adapter_id}': cannot read {path / 'adapter_config.json'}: {exc}"
+            ) from exc
+        if config.get("peft_type", "LORA") != "LORA":
+            raise InvalidInput(
+                f"adapter '{adapter_id}' is a {config.get('peft_type')} adapter; the transformers engine serves "
+                "LoRA and DoRA adapters"
+            )
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(
+                self.model, str(path), adapter_name=adapter_id, is_trainable=False
+            )
+        else:
+            self.peft.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+        self.peft.to(self.device)
+        self.peft.eval()
+        self._active = None  # loading may change PEFT's active adapter
+        self._dora[adapter_id] = bool(config.get("use_dora"))
+        self.adapter_loads += 1
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self._call(lambda: self._unload_adapter(adapter_id))
+
+    def _unload_adapter(self, adapter_id: str) -> None:
+        if adapter_id not in self._dora:
+            return
+        if any(row.adapter_name == adapter_id for group in self._groups for row in group.rows):
+            raise ClaraError(f"adapter '{adapter_id}' is in use by running requests")
+        self.peft.delete_adapter(adapter_id)
+        del self._dora[adapter_id]
+        self._active = None
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._dora)
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text, add_special_tokens=False))
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidInput(
+                f"the base '{self.base.name}' has no chat template; use /v1/completions or /generate"
+            )
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+                )
+            )
+        except Exception as exc:  # jinja errors from the template (e.g. unsupported roles)
+            raise InvalidInput(f"the chat template rejected these messages: {exc}") from exc
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._thread is None:
+            raise ClaraError("the engine is not started")
+        if request.adapter_id is not None and request.adapter_id not in self._dora:
+            raise ClaraError(f"adapter '{request.adapter_id}' is not loaded")
+        prompt_ids = self._encode(request.prompt, request.add_special_tokens)
+        if not prompt_ids:
+            raise InvalidInput("the prompt is empty")
+        limit = self.capabilities.max_model_len
+        if limit is not None and len(prompt_ids) + request.max_tokens > limit:
+            raise InvalidInput(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
+                f"model's context of {limit} tokens"
+            )
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = _Sequence(request, prompt_ids, asyncio.get_running_loop(), queue)
+        with self._cond:
+            self._inbox.append(seq)
+            self._cond.notify_all()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancelled = True  # the worker drops the row at its next step
+                with self._cond:
+                    self._cond.notify_all()
+
+    def health(self) -> dict[str, Any]:
+        with self._cond:
+            waiting = sum(1 for s in self._inbox if not s.cancelled)
+            running = sum(len(g.rows) for g in self._groups)
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_batch_size": self.max_batch_size,
+            "base_loads": self.base_loads,
+            "adapter_loads": self.adapter_loads,
+            "running": running,
+            "waiting": waiting,
+            "groups": len(self._groups),
+            "dora_adapters": sorted(k for k, v in self._dora.items() if v),
+        }
+
+    # -- the worker --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._inbox and not self._commands and not self._groups:
+                        self._cond.wait()
+                    if self._stopping:
+                        pending = list(self._inbox) + [r for g in self._groups for r in g.rows]
+                        self._inbox.clear()
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                    running = sum(len(g.rows) for g in self._groups)
+                    admitted: list[_Sequence] = []
+                    while self._inbox and running + len(admitted) < self.max_batch_size:
+                        seq = self._inbox.popleft()
+                        if not seq.cancelled:
+                            admitted.append(seq)
+                for fn, future in commands:
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                self._prune()
+                if admitted:
+                    self._admit(admitted)
+                for group in list(self._groups):
+                    if group.rows:
+                        self._guarded(group.rows, lambda g=group: self._decode(g))
+                self._prune()
+        for seq in pending:
+            seq.send(GenerationChunk(text="", finish_reason="abort"))
+
+    def _guarded(self, rows: list[_Sequence], step: Callable[[], None]) -> None:
+        """Run one step; a failure ends the affected requests with the error and the worker goes on."""
+        try:
+            step()
+        except Exception as exc:
+            error = exc if isinstance(exc, ClaraError) else ClaraError(f"generation failed: {exc}")
+            for row in rows:
+                row.finished = True
+                row.send(error)
+            self._groups = [g for g in self._groups if not all(r.finished for r in g.rows)]
+
+    def _prune(self) -> None:
+        """Drop finished and cancelled rows from their groups (their KV cache rows too)."""
+        import torch
+
+        kept: list[_Group] = []
+        for group in self._groups:
+            alive = [i for i, row in enumerate(group.rows) if not row.finished and not row.cancelled]
+            if not alive:
+                continue
+            if len(alive) < len(group.rows):
+                index = torch.tensor(alive, device=self.device)
+                group.rows = [group.rows[i] for i in alive]
+                group.cache.batch_select_indices(index)
+                group.mask = group.mask[index]
+                group.positions = group.positions[index]
+                # columns that are padding for every remaining row are dropped
+                used = group.mask.any(dim=0).nonzero()
+                first = int(used[0]) if len(used) else 0
+                if first > 0:
+                    group.mask = group.mask[:, first:]
+                    for layer in group.cache.layers:
+                        layer.keys = layer.keys[:, :, first:, :]
+                        layer.values = layer.values[:, :, first:, :]
+            kept.append(group)
+        self._groups = kept
+
+    def _group_key(self, seq: _Sequence) -> str:
+        name = seq.adapter_name
+        return name if name != BASE and self._dora.get(name) else "mixed"
+
+    def _admit(self, seqs: list[_Sequence]) -> None:
+        by_key: dict[str, list[_Sequence]] = {}
+        for seq in seqs:
+            if seq.adapter_name != BASE and seq.adapter_name not in self._dora:
+                seq.finished = True
+                seq.send(ClaraError(f"adapter '{seq.adapter_name}' was unloaded"))
+                continue
+            by_key.setdefault(self._group_key(seq), []).append(seq)
+        for key, rows in by_key.items():
+            self._guarded(rows, lambda k=key, r=rows: self._prefill(k, r))
+
+    def _forward(self, key: str, names: list[str], **inputs: Any) -> Any:
+        """One forward pass for rows on ``names`` (adapter ids or ``__base__``)."""
+        if self.peft is None:
+            return self.model(**inputs)
+        unique = set(names)
+        if key != "mixed" or (len(unique) == 1 and BASE not in unique):
+            adapter = key if key != "mixed" else names[0]
+            if self._active != adapter:
+                self.peft.set_adapter(adapter)
+                self._active = adapter
+            return self.peft(**inputs)
+        if unique == {BASE}:
+            with self.peft.disable_adapter():
+                return self.peft(**inputs)
+        return self.peft(adapter_names=names, **inputs)
+
+    def _prefill(self, key: str, rows: list[_Sequence]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        length = max(len(r.prompt_ids) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt_ids)
+            ids[i, length - n :] = torch.tensor(row.prompt_ids)
+            mask[i, length - n :] = 1
+            seed = row.request.seed
+            if row.request.temperature > 0:
+                row.generator = torch.Generator(device=self.device)
+                if seed is not None:
+                    row.generator.manual_seed(seed)
+                else:
+                    row.generator.seed()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(
+            key,
+            [r.adapter_name for r in rows],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        group = _Group(key, rows, cache, mask, mask.sum(-1))
+        self._take_tokens(group, out.logits[:, -1, :])
+        self._merge(group)
+
+    def _merge(self, new: _Group) -> None:
+        """Join ``new`` into the running group of the same key (continuous batching), or start one."""
+        import torch
+        import torch.nn.functional as F
+
+        target = next((g for g in self._groups if g.key == new.key and g.rows), None)
+        if target is None:
+            self._groups.append(new)
+            return
+        length = max(target.mask.shape[1], new.mask.shape[1])
+
+        def left_pad(t: Any, n: int, dim_from_end: int) -> Any:
+            if n == 0:
+                return t
+            spec = [0, 0] * (dim_from_end - 1) + [n, 0]
+            return F.pad(t, spec)
+
+        for la, lb in zip(target.cache.layers, new.cache.layers, strict=True):
+            ta, tb = la.keys.shape[-2], lb.keys.shape[-2]
+            la.keys = torch.cat([left_pad(la.keys, length - ta, 2), left_pad(lb.keys, length - tb, 2)], 0)
+            la.values = torch.cat(
+                [left_pad(la.values, length - ta, 2), left_pad(lb.values, length - tb, 2)], 0
+            )
+        target.mask = torch.cat(
+            [
+                left_pad(target.mask, length - target.mask.shape[1], 1),
+                left_pad(new.mask, length - new.mask.shape[1], 1),
+            ],
+            0,
+        )
+        target.positions = torch.cat([target.positions, new.positions], 0)
+        target.rows = target.rows + new.rows
+
+    def _decode(self, group: _Group) -> None:
+        import torch
+
+        last = torch.tensor([r.generated[-1] for r in group.rows], device=self.device).unsqueeze(1)
+        ones = torch.ones((len(group.rows), 1), dtype=group.mask.dtype, device=self.device)
+        mask = torch.cat([group.mask, ones], 1)
+        out = self._forward(
+            group.key,
+            [r.adapter_name for r in group.rows],
+            input_ids=last,
+            attention_mask=mask,
+            position_ids=group.positions.unsqueeze(1),
+            use_cache=True,
+            **{self._cache_arg: group.cache},
+        )
+        group.mask = mask
+        group.positions = group.positions + 1
+        self.steps += 1
+        self._take_tokens(group, out.logits[:, -1, :])
+
+    def _take_tokens(self, group: _Group, logits: Any) -> None:
+        """Pick each row's next token, stream its text, and mark rows that are done."""
+        chosen = logits.argmax(-1).tolist()
+        for i, row in enumerate(group.rows):
+            request = row.request
+            if request.temperature > 0:
+                chosen[i] = _sample(logits[i].float(), request.temperature, request.top_p, row.generator)
+            token = int(chosen[i])
+            row.generated.append(token)
+            finish = None
+            if token in self._eos and not request.ignore_eos:
+                finish = "stop"
+            elif len(row.generated) >= request.max_tokens:
+                finish = "length"
+            self._emit(row, finish)
+
+    def _emit(self, row: _Sequence, finish: str | None) -> None:
+        request = row.request
+        ids = row.generated
+        if finish == "stop" and ids and ids[-1] in self._eos:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        end = len(text)
+        if request.stop:
+            hits = [
+                i
+                for i in (text.find(s, max(0, row.emitted - len(s) + 1)) for s in request.stop if s)
+                if i >= 0
+            ]
+            if hits:
+                end = min(hits)
+                finish = "stop"
+        if finish is None:
+            # hold back text that may still become a stop string or a longer character
+            hold = max((len(s) for s in request.stop), default=1) - 1
+            end = max(row.emitted, len(text) - hold)
+            while end > row.emitted and text[end - 1] == "\ufffd":
+                end -= 1
+        delta = text[row.emitted : end] if end > row.emitted else ""
+        if not delta and finish is None:
+            return
+        row.emitted = max(row.emitted, end)
+        if finish is not None:
+            row.finished = True
+        row.send(
+            GenerationChunk(
+                text=delta,
+                finish_reason=finish,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.generated),
+            )
+        )
+
+
+def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    import torch
+
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        keep = cumulative - sorted_probs < top_p  # always keeps the most likely token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
