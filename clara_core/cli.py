@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
 from .errors import ClaraError
 from .plugins import PluginManager, get_plugin_manager, warn_once
-from .registry import Registry
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 
 class UserError(click.ClickException):
@@ -53,6 +55,8 @@ class ClaraContext:
         return Workspace.find(self.workspace_option)
 
     def registry(self) -> Registry:
+        from .registry import Registry
+
         return Registry.open(self.workspace().registry_path)
 
 

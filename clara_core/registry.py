@@ -17,14 +17,15 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from sqlite_utils import Database
+
+if TYPE_CHECKING:  # sqlite_utils is imported when a registry is opened, keeping `clara --help` light
+    from sqlite_utils import Database
 
 from . import hashing
 from .errors import Conflict, InvalidInput, NotFound, RegistryError
-from .migrations import migrations
 from .workspace import Workspace, domain_key, make_adapter_id, normalise_domain, validate_adapter_id
 
 #: The keys of the plan's registry entry, in the plan's order, then the governance fields.
@@ -239,6 +240,8 @@ class Registry:
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Registry:
+        from sqlite_utils import Database
+
         path = Path(path)
         if not path.exists() and not create:
             raise RegistryError(f"{path}: no registry here; run 'clara init' in the workspace first")
@@ -266,6 +269,8 @@ class Registry:
         return registry
 
     def _migrate(self) -> None:
+        from .migrations import migrations
+
         known = {m.name for m in migrations._migrations}
         try:
             applied = {m.name for m in migrations.applied(self.db)}
