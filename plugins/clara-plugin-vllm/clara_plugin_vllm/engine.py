@@ -1,0 +1,384 @@
+"""The ``vllm`` engine: clara's :class:`~clara_core.types.EngineImpl` on vLLM's v1 ``AsyncLLM``.
+
+vLLM's async engine owns asyncio resources (its output handler task, ZMQ sockets to the engine-core process)
+that belong to the event loop it was built in. clara's server may call the engine from its own loop, from
+worker threads, or (for the synchronous ``load_adapter``) from inside a request handler. So the engine runs
+vLLM on a private event loop in one background thread and crosses over with
+``asyncio.run_coroutine_threadsafe``: blocking calls (start, load, unload) wait on that thread without ever
+blocking it, and :meth:`VllmEngine.generate` relays vLLM's stream into the caller's loop. A caller that stops
+iterating (a client that disconnects) cancels the relay, and vLLM's ``generate`` aborts the request on
+cancellation (vllm/v1/engine/async_llm.py, ``AsyncLLM.generate``: ``except (asyncio.CancelledError,
+GeneratorExit): await self.abort(...)``).
+
+vLLM names used (vllm-project/vllm main, 2026): ``AsyncLLM.from_engine_args``, ``AsyncLLM.generate(prompt,
+sampling_params, request_id, lora_request=...)``, ``add_lora(LoRARequest) -> bool``, ``remove_lora(lora_id)
+-> bool``, ``shutdown()`` (vllm/v1/engine/async_llm.py); ``AsyncEngineArgs`` (vllm/engine/arg_utils.py);
+``SamplingParams``, ``RequestOutputKind.DELTA`` (vllm/sampling_params.py); ``LoRARequest``
+(vllm/lora/request.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from clara_core.errors import ClaraError, InvalidInput, NotFound
+from clara_core.registry import AdapterRecord, BaseRecord, Registry
+from clara_core.types import EngineCapabilities, EngineImpl, EngineOptions, GenerationChunk, GenerationRequest
+from clara_core.workspace import REGISTRY_FILE, Workspace
+
+from . import require_vllm
+from .errors import AdapterLoadFailed, VllmRequestFailed, VllmStartFailed
+from .translate import (
+    ChunkTranslator,
+    LoraIdAllocator,
+    adapter_peft_config,
+    check_adapter_servable,
+    check_engine_arg_names,
+    derive_lora_limits,
+    engine_args_kwargs,
+    lora_request_kwargs,
+    sampling_params_kwargs,
+    servable_ranks,
+)
+
+#: Seconds a blocking call (adapter load, unload) waits for vLLM before giving up.
+CALL_TIMEOUT_S = 600.0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def registry_candidates(base: BaseRecord, options: EngineOptions) -> list[Path]:
+    """Where the registry behind ``base`` may be: a workspace the server hands over, the workspace the base
+    lies in (``models/base/<name>``), then ``CLARA_HOME`` or the current folder's workspace."""
+    candidates: list[Path] = []
+    for attribute in ("registry_path", "workspace"):
+        value = getattr(options, attribute, None)
+        if isinstance(value, Workspace):
+            candidates.append(value.registry_path)
+        elif isinstance(value, str | Path):
+            path = Path(value)
+            candidates.append(path if path.suffix == ".db" else path / REGISTRY_FILE)
+    for folder in Path(base.path).resolve().parents:
+        if (folder / REGISTRY_FILE).is_file():
+            candidates.append(folder / REGISTRY_FILE)
+            break
+    with contextlib.suppress(ClaraError):
+        candidates.append(Workspace.find().registry_path)
+    unique: list[Path] = []
+    for candidate in candidates:
+        if candidate not in unique:
+            unique.append(candidate)
+    return unique
+
+
+def registry_adapters(base: BaseRecord, options: EngineOptions) -> list[AdapterRecord]:
+    """The adapters registered for ``base`` in the first registry that knows it (for max_lora_rank)."""
+    for path in registry_candidates(base, options):
+        if not path.is_file():
+            continue
+        try:
+            with Registry.open(path) as registry:
+                if registry.find_base(base.base_model_hash) is None:
+                    continue
+                return [a for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
+        except ClaraError:
+            continue
+    return []
+
+
+@attrs.define
+class _LoadedAdapter:
+    request: Any  # vllm.lora.request.LoRARequest
+    checksum: str | None
+    rank: int
+
+
+class VllmEngine(EngineImpl):
+    """Serves one base through vLLM with ``enable_lora``; every request carries its adapter's ``LoRARequest``,
+    so one vLLM batch mixes requests on different adapters (up to ``max_loras`` distinct ones)."""
+
+    capabilities = EngineCapabilities(
+        mixed_adapter_batching=True,
+        streaming=True,
+        notes="vLLM continuous batching; up to max_loras different adapters share one batch",
+    )
+
+    def __init__(
+        self,
+        base: BaseRecord,
+        options: EngineOptions,
+        *,
+        adapters: Sequence[AdapterRecord] | None = None,
+    ) -> None:
+        self.base = base
+        self.options = options
+        self.extra: dict[str, Any] = dict(options.extra or {})
+        known = registry_adapters(base, options) if adapters is None else list(adapters)
+        self.limits = derive_lora_limits(
+            self.extra, options.max_loaded, servable_ranks(known, base.base_model_hash)
+        )
+        self.engine_kwargs = engine_args_kwargs(Path(base.path), base.name, self.limits, self.extra)
+        self._ids = LoraIdAllocator()
+        self._loaded: dict[str, _LoadedAdapter] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._vllm_version = "unknown"
+
+    # -- the private event loop ----------------------------------------------------------------------------
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=run, name="clara-vllm-loop", daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread = loop, thread
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=30)
+        if not loop.is_running():
+            loop.close()
+
+    def _submit(self, coro: Any) -> Future:
+        if self._loop is None:
+            coro.close()
+            raise VllmRequestFailed("the vLLM engine is not running; start the server again")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _call(self, coro: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        """Run ``coro`` on vLLM's loop and wait for it (from any thread but that loop's own)."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("VllmEngine: a blocking call was made from vLLM's own event loop")
+        return self._submit(coro).result(timeout)
+
+    def _require_started(self) -> Any:
+        if self._llm is None:
+            raise VllmRequestFailed("the vLLM engine is not started; the server calls start() first")
+        return self._llm
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._llm is not None:
+            return
+        vllm = require_vllm()
+        self._vllm_version = getattr(vllm, "__version__", "unknown")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        check_engine_arg_names(self.engine_kwargs, (f.name for f in dataclasses.fields(AsyncEngineArgs)))
+        self._start_loop()
+        try:
+            self._llm = self._call(self._build(), timeout=None)
+        except ClaraError:
+            self._stop_loop()
+            raise
+        except Exception as exc:
+            self._stop_loop()
+            raise VllmStartFailed(
+                f"vLLM could not start on base '{self.base.name}' ({self.base.path}): {_describe(exc)}; "
+                "check the GPU (nvidia-smi) and the engine options, e.g. --gpu-memory-utilization, "
+                "--max-model-len, --tensor-parallel-size"
+            ) from exc
+        self._get_tokenizer()
+
+    async def _build(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            engine_args = AsyncEngineArgs(**self.engine_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise VllmStartFailed(f"vLLM refused the engine options: {_describe(exc)}") from exc
+        return AsyncLLM.from_engine_args(engine_args)
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None and self._loop is not None:
+            future = self._submit(self._shutdown_llm(llm))
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(future)
+        with self._lock:
+            self._loaded.clear()
+        self._stop_loop()
+
+    @staticmethod
+    async def _shutdown_llm(llm: Any) -> None:
+        llm.shutdown()
+
+    # -- adapters ------------------------------------------------------------------------------------------
+
+    def load_adapter(self, adapter: AdapterRecord) -> None:
+        llm = self._require_started()
+        config = adapter_peft_config(adapter)
+        rank = check_adapter_servable(adapter, self.limits.max_lora_rank, config)
+        with self._lock:
+            current = self._loaded.get(adapter.id)
+        if current is not None:
+            if current.checksum == adapter.adapter_checksum:
+                return
+            self.unload_adapter(adapter.id)  # same id, new files: drop vLLM's copy of the old ones
+        from vllm.lora.request import LoRARequest
+
+        with self._lock:
+            lora_int_id = self._ids.id_for(adapter.id, adapter.adapter_checksum)
+        lora_request = LoRARequest(**lora_request_kwargs(adapter, lora_int_id))
+        try:
+            self._call(llm.add_lora(lora_request))
+        except Exception as exc:
+            raise AdapterLoadFailed(
+                f"vLLM could not load adapter '{adapter.id}' from {adapter.path}: {_describe(exc)}"
+            ) from exc
+        with self._lock:
+            self._loaded[adapter.id] = _LoadedAdapter(lora_request, adapter.adapter_checksum, rank)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        llm = self._require_started()
+        with self._lock:
+            entry = self._loaded.pop(adapter_id, None)
+        if entry is None:
+            raise NotFound(f"adapter '{adapter_id}' is not loaded in the vLLM engine")
+        try:
+            self._call(llm.remove_lora(entry.request.lora_int_id))
+        except Exception as exc:
+            raise VllmRequestFailed(
+                f"vLLM could not unload adapter '{adapter_id}': {_describe(exc)}; it is no longer served"
+            ) from exc
+
+    def loaded_adapters(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def lora_request_for(self, adapter_id: str | None) -> Any:
+        """The ``LoRARequest`` a request on ``adapter_id`` carries (``None`` for the base)."""
+        if adapter_id is None:
+            return None
+        with self._lock:
+            entry = self._loaded.get(adapter_id)
+        if entry is None:
+            raise NotFound(f"adapter '{adapter_id}' is not loaded; load it first (POST /load_adapter)")
+        return entry.request
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        llm = self._require_started()
+        if not request.prompt:
+            raise InvalidInput("the prompt is empty; send some text to complete")
+        lora_request = self.lora_request_for(request.adapter_id)
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        try:
+            params = SamplingParams(**sampling_params_kwargs(request), output_kind=RequestOutputKind.DELTA)
+        except ValueError as exc:
+            raise InvalidInput(f"vLLM refused the sampling parameters: {_describe(exc)}") from exc
+        request_id = f"{request.request_id or 'clara'}-{uuid.uuid4().hex[:12]}"
+        caller_loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def deliver(kind: str, item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop closed: nobody is listening
+                caller_loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+
+        async def relay() -> None:
+            try:
+                async for output in llm.generate(
+                    request.prompt, params, request_id, lora_request=lora_request
+                ):
+                    deliver("output", output)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                deliver("error", exc)
+                raise
+            finally:
+                deliver("end", None)
+
+        future = self._submit(relay())
+        translator = ChunkTranslator()
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "end":
+                    break
+                if kind == "error":
+                    raise self._request_error(item)
+                chunk = translator.feed(item)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            if not future.done():
+                future.cancel()  # cancels relay() on vLLM's loop; AsyncLLM.generate then aborts the request
+
+    @staticmethod
+    def _request_error(exc: BaseException) -> ClaraError:
+        if isinstance(exc, ClaraError):
+            return exc
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        if isinstance(cause, ValueError):  # vLLM's validation errors (prompt too long, bad parameters)
+            return InvalidInput(f"vLLM refused the request: {_describe(cause)}")
+        return VllmRequestFailed(f"vLLM failed the request: {_describe(cause)}")
+
+    # -- tokenizer -----------------------------------------------------------------------------------------
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.base.path))
+        return self._tokenizer
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        tokenizer = self._get_tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInput(
+                f"base '{self.base.name}' has no chat template; use /v1/completions or /generate with a prompt"
+            )
+        return tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._get_tokenizer().encode(text, add_special_tokens=False))
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            lora_ids = {adapter_id: entry.request.lora_int_id for adapter_id, entry in self._loaded.items()}
+        return {
+            "vllm_version": self._vllm_version,
+            "running": self._llm is not None,
+            "max_loras": self.limits.max_loras,
+            "max_lora_rank": self.limits.max_lora_rank,
+            "max_lora_rank_from": self.limits.rank_source,
+            "max_cpu_loras": self.limits.max_cpu_loras,
+            "lora_int_ids": lora_ids,
+            "engine_args": {k: v for k, v in self.engine_kwargs.items() if k not in ("model", "tokenizer")},
+        }
