@@ -140,6 +140,9 @@ def _register_core_commands() -> None:
     cli.add_command(plugins_cmd.plugins)
     cli.add_command(base.base)
     cli.add_command(adapters.adapters)
+    from .commands.serve import serve
+
+    cli.add_command(serve)
 
 
 _register_core_commands()

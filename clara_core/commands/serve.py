@@ -1,0 +1,111 @@
+"""clara serve: one base, many adapters behind one HTTP API (native and OpenAI-compatible)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import InvalidInput
+
+
+def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InvalidInput(f"engine option {pair!r} must read NAME=VALUE (e.g. -o device=cpu)")
+        options[name.strip()] = value
+    return options
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one)."
+)
+@click.option(
+    "--base",
+    "base_name",
+    metavar="NAME",
+    help="Registered base to serve (default: the workspace's only one).",
+)
+@click.option("--preload", multiple=True, metavar="ID", help="Adapter to load at start (repeatable).")
+@click.option(
+    "--max-loaded",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Adapters loaded at once; beyond it the least recently used idle one is unloaded.",
+)
+@click.option(
+    "--api-key", envvar="CLARA_API_KEY", help="Require 'Authorization: Bearer KEY' (env CLARA_API_KEY)."
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Requests held at once (generating or waiting); more answer 503 at once.",
+)
+@click.option(
+    "--max-body",
+    "max_body_bytes",
+    default=1 << 20,
+    show_default=True,
+    type=int,
+    help="Largest request body in bytes; larger ones answer 413.",
+)
+@click.option("--router", "router_name", metavar="NAME", help="Router for adapter_id/model 'auto'.")
+@click.option(
+    "--option",
+    "-o",
+    "engine_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Engine option (see 'clara plugins'), e.g. -o device=cuda -o max_batch_size=64.",
+)
+@click.pass_obj
+def serve(
+    obj,
+    host: str,
+    port: int,
+    base_name: str | None,
+    preload: tuple[str, ...],
+    max_loaded: int,
+    api_key: str | None,
+    max_queue: int,
+    max_body_bytes: int,
+    router_name: str | None,
+    engine_options: tuple[str, ...],
+) -> None:
+    """Serve the base and its registered adapters over HTTP, with hot-swap.
+
+    Engine from the root option --engine (default: transformers). Endpoints: /health, /adapters,
+    /load_adapter, /unload_adapter, /activate_adapter, /generate, /metrics and the OpenAI-compatible /v1/models,
+    /v1/completions and /v1/chat/completions, where 'model' is an adapter id or the base's name.
+    """
+    from ..serving.app import ServeSettings
+    from ..serving.runner import bind, prepare, run
+
+    workspace = obj.workspace()
+    settings = ServeSettings(
+        max_loaded=max_loaded,
+        max_queue=max_queue,
+        api_key=api_key or None,
+        max_body_bytes=max_body_bytes,
+        router_name=router_name,
+        preload=list(dict.fromkeys(preload)),
+    )
+    engine_name = obj.engine_name or os.environ.get("CLARA_ENGINE") or None
+    # check the port first: it is the cheapest error to find, before any model is loaded
+    bind(host, port).close()
+    state = prepare(
+        workspace,
+        obj.plugins,
+        engine_name=engine_name,
+        base_name=base_name,
+        settings=settings,
+        engine_options=_engine_options(engine_options),
+    )
+    run(state, host, port, echo=lambda line: click.echo(line, err=True))

@@ -1,0 +1,229 @@
+"""Everything ``clara serve`` does: resolve engine, base and router with clear errors, bind the port, build
+the app and run it on uvicorn. Errors the user can fix surface before any model is loaded, as one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..checks import check_adapter_for_base
+from ..errors import ClaraError, InvalidInput
+from ..plugins import PluginManager
+from ..registry import AdapterRecord, Registry
+from ..types import EngineOptions, Option, RouterImpl
+from ..workspace import Workspace
+from .app import ServerState, ServeSettings, create_app
+from .requestlog import RequestObserver
+
+DEFAULT_ENGINE = "transformers"
+
+
+def parse_engine_options(declared: Sequence[Option], given: Mapping[str, str], engine: str) -> dict[str, Any]:
+    """Turn ``-o name=value`` pairs into the engine's declared option types, defaults filled in."""
+    by_name = {o.name: o for o in declared}
+    values: dict[str, Any] = {o.name: o.default for o in declared}
+    for raw_name, raw in given.items():
+        name = raw_name.strip().replace("-", "_")
+        option = by_name.get(name)
+        if option is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise InvalidInput(f"engine '{engine}' has no option '{raw_name}'; its options: {known}")
+        try:
+            if option.type is bool:
+                lowered = raw.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                value: Any = lowered in ("1", "true", "yes", "on")
+            else:
+                value = option.type(raw)
+        except ValueError:
+            raise InvalidInput(
+                f"engine option '{name}' must be a {option.type.__name__}, got {raw!r}"
+            ) from None
+        if option.choices and str(value) not in option.choices:
+            raise InvalidInput(
+                f"engine option '{name}' must be one of {', '.join(option.choices)}, got {raw!r}"
+            )
+        values[name] = value
+    return values
+
+
+def _registry_lookup(
+    registry_path: Path,
+) -> tuple[Callable[[str], AdapterRecord], Callable[[], list[AdapterRecord]]]:
+    """Registry reads that work from any thread (a fresh connection per call; reads are cheap)."""
+
+    def lookup(adapter_id: str) -> AdapterRecord:
+        with Registry.open(registry_path) as registry:
+            return registry.get_adapter(adapter_id)
+
+    def list_all() -> list[AdapterRecord]:
+        with Registry.open(registry_path) as registry:
+            return registry.list_adapters()
+
+    return lookup, list_all
+
+
+def load_router(plugins: PluginManager, name: str, workspace: Workspace) -> RouterImpl:
+    registration = plugins.router(name)
+    router = registration.create()
+    state_dir = workspace.metadata_dir / "routers" / registration.name
+    if not state_dir.is_dir():
+        raise ClaraError(
+            f"router '{registration.name}' is not fitted (no {state_dir}); run 'clara router fit --router "
+            f"{registration.name}' first"
+        )
+    router.load(state_dir)
+    return router
+
+
+def prepare(
+    workspace: Workspace,
+    plugins: PluginManager,
+    *,
+    engine_name: str | None,
+    base_name: str | None,
+    settings: ServeSettings,
+    engine_options: Mapping[str, str] | None = None,
+    observers: Sequence[RequestObserver] = (),
+) -> ServerState:
+    """Resolve engine, base, router and preloaded adapters; build the engine (not started) and the state."""
+    if settings.max_loaded < 1:
+        raise InvalidInput(f"--max-loaded must be at least 1, got {settings.max_loaded}")
+    if settings.max_queue < 1:
+        raise InvalidInput(f"--max-queue must be at least 1, got {settings.max_queue}")
+    engine_name = engine_name or DEFAULT_ENGINE
+    registration = plugins.engine(engine_name)
+    settings.engine_name = registration.name
+    extra = parse_engine_options(registration.options, engine_options or {}, registration.name)
+    with Registry.open(workspace.registry_path) as registry:
+        base = registry.choose_base(base_name)
+        if len(settings.preload) > settings.max_loaded:
+            raise InvalidInput(
+                f"{len(settings.preload)} adapters to preload but --max-loaded is {settings.max_loaded}"
+            )
+        for adapter_id in settings.preload:
+            check_adapter_for_base(registry.get_adapter(adapter_id), base)
+    router = load_router(plugins, settings.router_name, workspace) if settings.router_name else None
+    engine = registration.create(
+        base, EngineOptions(max_loaded=settings.max_loaded, max_queue=settings.max_queue, extra=extra)
+    )
+    lookup, list_all = _registry_lookup(workspace.registry_path)
+    return ServerState(engine, base, lookup, list_all, settings, router=router, observers=observers)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so that a taken port is a clear error before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ClaraError(
+                f"port {port} on {host} is in use (another server?); choose another --port"
+            ) from None
+        raise ClaraError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(
+    state: ServerState,
+    sock: socket.socket,
+    *,
+    log_level: str = "warning",
+    on_ready: Callable[[], None] | None = None,
+    server_box: list | None = None,
+) -> None:
+    """Start the engine, preload, then serve on ``sock`` until uvicorn is told to exit."""
+    import uvicorn
+
+    app = create_app(state, manage_engine=False)
+    config = uvicorn.Config(app, lifespan="off", log_level=log_level, access_log=False, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    if server_box is not None:
+        server_box.append(server)
+    await state.engine.start()
+    try:
+        for adapter_id in state.settings.preload:
+            await state.adapters.load(adapter_id)
+        if on_ready is not None:
+            on_ready()
+        await server.serve(sockets=[sock])
+    finally:
+        await state.engine.shutdown()
+
+
+def run(state: ServerState, host: str, port: int, *, echo: Callable[[str], None] | None = None) -> None:
+    """Bind, start and serve in the foreground (``clara serve``)."""
+    sock = bind(host, port)
+    shown_host = f"[{host}]" if ":" in host else host
+    out = echo or (lambda line: print(line, file=sys.stderr))
+
+    def ready() -> None:
+        actual_port = sock.getsockname()[1]
+        out(
+            f"clara: serving base '{state.base.name}' with engine '{state.settings.engine_name}' on "
+            f"http://{shown_host}:{actual_port} (loaded: {', '.join(state.adapters.loaded) or 'none'}; "
+            "Ctrl-C stops)"
+        )
+
+    try:
+        asyncio.run(serve(state, sock, on_ready=ready))
+    finally:
+        sock.close()
+
+
+class BackgroundServer:
+    """A real server on 127.0.0.1 in a thread of this process (tests and demos): ``with`` it, use ``url``."""
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.state = state
+        self.sock = bind(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self._ready = threading.Event()
+        self._servers: list = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="clara-serve", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(serve(self.state, self.sock, on_ready=self._ready.set, server_box=self._servers))
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def start(self, timeout: float = 120) -> BackgroundServer:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        for _ in range(int(timeout * 100)):  # uvicorn flips 'started' right after on_ready
+            if self._servers and self._servers[0].started:
+                break
+            threading.Event().wait(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._servers:
+            self._servers[0].should_exit = True
+        self._thread.join(60)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
