@@ -47,6 +47,7 @@ from .translate import (
     derive_lora_limits,
     engine_args_kwargs,
     lora_request_kwargs,
+    prompt_input,
     sampling_params_kwargs,
     servable_ranks,
 )
@@ -173,12 +174,9 @@ class VllmEngine(EngineImpl):
             raise VllmRequestFailed("the vLLM engine is not running; start the server again")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def _call(self, coro: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
-        """Run ``coro`` on vLLM's loop and wait for it (from any thread but that loop's own)."""
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("VllmEngine: a blocking call was made from vLLM's own event loop")
-        return self._submit(coro).result(timeout)
+    async def _call(self, coro: Any, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        """Run ``coro`` on vLLM's loop and await it from the caller's loop, which stays free meanwhile."""
+        return await asyncio.wait_for(asyncio.wrap_future(self._submit(coro)), timeout)
 
     def _require_started(self) -> Any:
         if self._llm is None:
@@ -187,7 +185,7 @@ class VllmEngine(EngineImpl):
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._llm is not None:
             return
         vllm = require_vllm()
@@ -195,20 +193,28 @@ class VllmEngine(EngineImpl):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         check_engine_arg_names(self.engine_kwargs, (f.name for f in dataclasses.fields(AsyncEngineArgs)))
-        self._start_loop()
+        await asyncio.to_thread(self._start_loop)
         try:
-            self._llm = self._call(self._build(), timeout=None)
+            self._llm = await self._call(self._build(), timeout=None)
         except ClaraError:
-            self._stop_loop()
+            await asyncio.to_thread(self._stop_loop)
             raise
         except Exception as exc:
-            self._stop_loop()
+            await asyncio.to_thread(self._stop_loop)
             raise VllmStartFailed(
                 f"vLLM could not start on base '{self.base.name}' ({self.base.path}): {_describe(exc)}; "
-                "check the GPU (nvidia-smi) and the engine options, e.g. --gpu-memory-utilization, "
-                "--max-model-len, --tensor-parallel-size"
+                "check the GPU (nvidia-smi) and the engine options, e.g. gpu_memory_utilization, "
+                "max_model_len, tensor_parallel_size"
             ) from exc
-        self._get_tokenizer()
+        await asyncio.to_thread(self._get_tokenizer)
+        model_config = getattr(self._llm, "model_config", None)
+        max_len = getattr(model_config, "max_model_len", None) or self.engine_kwargs.get("max_model_len")
+        self.capabilities = EngineCapabilities(
+            mixed_adapter_batching=True,
+            streaming=True,
+            max_model_len=int(max_len) if max_len else None,
+            notes=type(self).capabilities.notes,
+        )
 
     async def _build(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -223,12 +229,11 @@ class VllmEngine(EngineImpl):
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None and self._loop is not None:
-            future = self._submit(self._shutdown_llm(llm))
             with contextlib.suppress(Exception):
-                await asyncio.wrap_future(future)
+                await self._call(self._shutdown_llm(llm), timeout=120)
         with self._lock:
             self._loaded.clear()
-        self._stop_loop()
+        await asyncio.to_thread(self._stop_loop)
 
     @staticmethod
     async def _shutdown_llm(llm: Any) -> None:
@@ -236,23 +241,25 @@ class VllmEngine(EngineImpl):
 
     # -- adapters ------------------------------------------------------------------------------------------
 
-    def load_adapter(self, adapter: AdapterRecord) -> None:
-        llm = self._require_started()
-        config = adapter_peft_config(adapter)
+    async def load_adapter(self, adapter: AdapterRecord) -> None:
+        # vLLM's own checks would only fire inside its engine process, at add_lora or at the first request:
+        # clara refuses what vLLM cannot serve here, from the registry record and adapter_config.json.
+        config = await asyncio.to_thread(adapter_peft_config, adapter)
         rank = check_adapter_servable(adapter, self.limits.max_lora_rank, config)
+        llm = self._require_started()
         with self._lock:
             current = self._loaded.get(adapter.id)
         if current is not None:
             if current.checksum == adapter.adapter_checksum:
                 return
-            self.unload_adapter(adapter.id)  # same id, new files: drop vLLM's copy of the old ones
+            await self.unload_adapter(adapter.id)  # same id, new files: drop vLLM's copy of the old ones
         from vllm.lora.request import LoRARequest
 
         with self._lock:
             lora_int_id = self._ids.id_for(adapter.id, adapter.adapter_checksum)
         lora_request = LoRARequest(**lora_request_kwargs(adapter, lora_int_id))
         try:
-            self._call(llm.add_lora(lora_request))
+            await self._call(llm.add_lora(lora_request))
         except Exception as exc:
             raise AdapterLoadFailed(
                 f"vLLM could not load adapter '{adapter.id}' from {adapter.path}: {_describe(exc)}"
@@ -260,14 +267,14 @@ class VllmEngine(EngineImpl):
         with self._lock:
             self._loaded[adapter.id] = _LoadedAdapter(lora_request, adapter.adapter_checksum, rank)
 
-    def unload_adapter(self, adapter_id: str) -> None:
+    async def unload_adapter(self, adapter_id: str) -> None:
         llm = self._require_started()
         with self._lock:
             entry = self._loaded.pop(adapter_id, None)
         if entry is None:
             raise NotFound(f"adapter '{adapter_id}' is not loaded in the vLLM engine")
         try:
-            self._call(llm.remove_lora(entry.request.lora_int_id))
+            await self._call(llm.remove_lora(entry.request.lora_int_id))
         except Exception as exc:
             raise VllmRequestFailed(
                 f"vLLM could not unload adapter '{adapter_id}': {_describe(exc)}; it is no longer served"
@@ -291,9 +298,16 @@ class VllmEngine(EngineImpl):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         llm = self._require_started()
-        if not request.prompt:
-            raise InvalidInput("the prompt is empty; send some text to complete")
         lora_request = self.lora_request_for(request.adapter_id)
+        prompt_ids = self._encode(request.prompt, request.add_special_tokens)
+        if not prompt_ids:
+            raise InvalidInput("the prompt is empty; send some text to complete")
+        limit = self.capabilities.max_model_len
+        if limit is not None and len(prompt_ids) + request.max_tokens > limit:
+            raise InvalidInput(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
+                f"model's context of {limit} tokens"
+            )
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         try:
@@ -311,7 +325,7 @@ class VllmEngine(EngineImpl):
         async def relay() -> None:
             try:
                 async for output in llm.generate(
-                    request.prompt, params, request_id, lora_request=lora_request
+                    prompt_input(prompt_ids), params, request_id, lora_request=lora_request
                 ):
                     deliver("output", output)
             except asyncio.CancelledError:
@@ -366,8 +380,11 @@ class VllmEngine(EngineImpl):
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
         )
 
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._get_tokenizer().encode(text, add_special_tokens=add_special_tokens))
+
     def count_tokens(self, text: str) -> int:
-        return len(self._get_tokenizer().encode(text, add_special_tokens=False))
+        return len(self._encode(text, add_special_tokens=False))
 
     def health(self) -> dict[str, Any]:
         with self._lock:

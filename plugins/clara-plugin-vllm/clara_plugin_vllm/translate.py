@@ -15,8 +15,9 @@ The vLLM names used here were read from vLLM's source (github.com/vllm-project/v
   extends).
 - The allowed ``max_lora_rank`` values: ``MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]`` and the
   default 16 in ``vllm/config/lora.py`` (``LoRAConfig``); ``max_cpu_loras`` "must be >= than max_loras" there.
-- ``SamplingParams`` fields ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``output_kind`` and
-  ``RequestOutputKind.DELTA``: ``vllm/sampling_params.py``.
+- ``SamplingParams`` fields ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``ignore_eos``,
+  ``output_kind`` and ``RequestOutputKind.DELTA``: ``vllm/sampling_params.py``; prompts as ``TokensPrompt``
+  (``{"prompt_token_ids": [...]}``), as ``AsyncLLM.generate`` accepts them: ``vllm/v1/engine/async_llm.py``.
 - ``LoRARequest(lora_name, lora_int_id, lora_path)`` with ``lora_int_id`` > 0 ("must be globally unique for a
   given adapter"): ``vllm/lora/request.py``.
 - ``RequestOutput.prompt_token_ids`` / ``.outputs`` / ``.finished`` and ``CompletionOutput.text`` /
@@ -390,7 +391,21 @@ def sampling_params_kwargs(request: GenerationRequest) -> dict[str, Any]:
         kwargs["stop"] = stop
     if request.seed is not None:
         kwargs["seed"] = int(request.seed)
+    if request.ignore_eos:
+        kwargs["ignore_eos"] = True
     return kwargs
+
+
+def prompt_input(prompt_token_ids: Sequence[int]) -> dict[str, Any]:
+    """The prompt as vLLM's ``TokensPrompt`` (a TypedDict with ``prompt_token_ids``, vllm/inputs).
+
+    clara tokenises with the base's tokenizer itself, so that ``add_special_tokens=False`` for chat prompts
+    (whose template already holds the special tokens) means the same on every engine and vLLM version.
+    """
+    ids = [int(i) for i in prompt_token_ids]
+    if not ids:
+        raise InvalidInput("the prompt is empty; send some text to complete")
+    return {"prompt_token_ids": ids}
 
 
 #: vLLM's finish reasons (vllm/v1/engine/__init__.py) as clara's ("stop", "length", "abort").
