@@ -134,12 +134,15 @@ def cli(ctx: click.Context, workspace: Path | None, engine: str | None) -> None:
 
 
 def _register_core_commands() -> None:
-    from .commands import adapters, base, init, plugins_cmd
+    from .commands import adapters, base, init, plugins_cmd, train
 
     cli.add_command(init.init)
     cli.add_command(plugins_cmd.plugins)
     cli.add_command(base.base)
     cli.add_command(adapters.adapters)
+    cli.add_command(train.train)
+    cli.add_command(train.quickstart)
+    base.base.add_command(train.create_demo)
     from .commands.serve import serve
 
     cli.add_command(serve)

@@ -1,0 +1,391 @@
+"""The embedded default: a small demo base built offline, and example datasets for two domains.
+
+A fresh machine has no base model and no network. ``clara base create-demo DIR`` (and ``clara quickstart``)
+build a small Llama-architecture model whose byte-level BPE tokenizer is trained here, with the ``tokenizers``
+library, on the German texts below. The model's weights are random: it knows no German. Each domain adapter
+then learns its domain's answers, which makes the effect of an adapter plain to see.
+
+The question/answer texts were written for this project (short paraphrases of well-known rules of German tax
+and social law, simplified; not legal advice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .output import human_size
+from .plugins import PluginManager
+from .registry import AdapterRecord, BaseRecord, Registry
+from .workspace import Workspace
+
+#: (question, answer) pairs per domain; the first question of each domain is the one the quickstart asks.
+DEMO_QA: dict[str, list[tuple[str, str]]] = {
+    "steuerrecht": [
+        (
+            "Wer setzt die Einkommensteuer fest?",
+            "Das Finanzamt setzt die Einkommensteuer durch Steuerbescheid fest.",
+        ),
+        (
+            "Bis wann ist die Steuererklärung abzugeben?",
+            "Die Steuererklärung ist bis zum 31. Juli des Folgejahres abzugeben.",
+        ),
+        (
+            "Was ist der Grundfreibetrag?",
+            "Der Grundfreibetrag ist das Einkommen, auf das keine Einkommensteuer anfällt.",
+        ),
+        (
+            "Wie hoch ist der allgemeine Umsatzsteuersatz?",
+            "Der allgemeine Umsatzsteuersatz beträgt 19 Prozent.",
+        ),
+        ("Wie hoch ist der ermäßigte Umsatzsteuersatz?", "Der ermäßigte Umsatzsteuersatz beträgt 7 Prozent."),
+        (
+            "Was sind Werbungskosten?",
+            "Werbungskosten sind Aufwendungen zur Erwerbung, Sicherung und Erhaltung der Einnahmen.",
+        ),
+        (
+            "Wie lange dauert die Einspruchsfrist gegen einen Steuerbescheid?",
+            "Der Einspruch ist innerhalb eines Monats nach Bekanntgabe einzulegen.",
+        ),
+        (
+            "Wo ist der Einspruch gegen einen Steuerbescheid einzulegen?",
+            "Der Einspruch ist schriftlich beim Finanzamt einzulegen.",
+        ),
+        (
+            "Welches Gesetz regelt die Einkommensteuer?",
+            "Die Einkommensteuer ist im Einkommensteuergesetz, dem EStG, geregelt.",
+        ),
+        (
+            "Welches Gesetz regelt das Besteuerungsverfahren?",
+            "Das Besteuerungsverfahren ist in der Abgabenordnung, der AO, geregelt.",
+        ),
+        (
+            "Was ist die Kleinunternehmerregelung?",
+            "Kleinunternehmer mit geringem Umsatz müssen keine Umsatzsteuer ausweisen.",
+        ),
+        (
+            "Wer muss eine Umsatzsteuervoranmeldung abgeben?",
+            "Unternehmer melden die Umsatzsteuer monatlich oder vierteljährlich an.",
+        ),
+    ],
+    "sozialrecht": [
+        ("Wer erhält Bürgergeld?", "Bürgergeld erhalten erwerbsfähige Leistungsberechtigte nach dem SGB II."),
+        ("Wo wird Bürgergeld beantragt?", "Bürgergeld wird beim zuständigen Jobcenter beantragt."),
+        (
+            "Was regelt das SGB XII?",
+            "Das SGB XII regelt die Sozialhilfe für Menschen ohne ausreichendes Einkommen.",
+        ),
+        (
+            "Was regelt das SGB X?",
+            "Das SGB X regelt das Sozialverwaltungsverfahren und den Sozialdatenschutz.",
+        ),
+        (
+            "Wie lange dauert die Widerspruchsfrist gegen einen Sozialleistungsbescheid?",
+            "Der Widerspruch ist innerhalb eines Monats nach Bekanntgabe zu erheben.",
+        ),
+        (
+            "Wer zahlt die Grundsicherung im Alter?",
+            "Die Grundsicherung im Alter zahlt das Sozialamt nach dem SGB XII.",
+        ),
+        (
+            "Was sind Kosten der Unterkunft?",
+            "Kosten der Unterkunft sind die angemessenen Aufwendungen für Miete und Heizung.",
+        ),
+        ("Muss ein Umzug dem Jobcenter gemeldet werden?", "Ein Umzug ist dem Jobcenter vorher mitzuteilen."),
+        (
+            "Welche Pflicht haben Leistungsberechtigte?",
+            "Leistungsberechtigte müssen Änderungen ihrer Verhältnisse unverzüglich mitteilen.",
+        ),
+        (
+            "Was ist eine Eingliederungsvereinbarung?",
+            "Der Kooperationsplan hält die Schritte zur Eingliederung in Arbeit fest.",
+        ),
+        ("Was regelt das SGB I?", "Das SGB I enthält den Allgemeinen Teil des Sozialgesetzbuchs."),
+        (
+            "Können Sozialleistungen zurückgefordert werden?",
+            "Zu Unrecht erbrachte Leistungen sind nach dem SGB X zu erstatten.",
+        ),
+    ],
+}
+
+#: Held-out text for ppl_dev, per domain (same style, different wording).
+DEMO_DEV: dict[str, list[tuple[str, str]]] = {
+    "steuerrecht": [
+        ("Welche Behörde setzt die Steuer fest?", "Das Finanzamt setzt die Steuer durch Bescheid fest."),
+        ("Wie hoch ist die Umsatzsteuer im Regelfall?", "Die Umsatzsteuer beträgt im Regelfall 19 Prozent."),
+    ],
+    "sozialrecht": [
+        ("Wer ist für das Bürgergeld zuständig?", "Für das Bürgergeld ist das Jobcenter zuständig."),
+        ("Welche Frist gilt für den Widerspruch?", "Der Widerspruch ist innerhalb eines Monats zu erheben."),
+    ],
+}
+
+#: Sizes of the demo model: small enough to train two adapters in about a minute on 2 CPU cores.
+DEMO_MODEL: dict[str, int] = {
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "max_positions": 512,
+    "seed": 0,
+}
+
+
+def demo_texts() -> list[str]:
+    """Every demo text, for training the tokenizer (so German words become few tokens)."""
+    texts = []
+    for table in (DEMO_QA, DEMO_DEV):
+        for pairs in table.values():
+            for question, answer in pairs:
+                texts.extend([question, answer])
+    return texts
+
+
+def build_demo_base(out_dir: Path) -> Path:
+    """Write the demo base (config, safetensors weights, tokenizer with chat template) to ``out_dir``."""
+    from .tinymodels import build_llama
+
+    return build_llama(out_dir, texts=demo_texts(), **DEMO_MODEL)
+
+
+def _chat_record(question: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def write_demo_datasets(data_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """Write ``<domain>.jsonl`` (chat records) and ``<domain>.dev.jsonl`` per domain; returns the paths."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, tuple[Path, Path]] = {}
+    for domain, pairs in DEMO_QA.items():
+        train = data_dir / f"{domain}.jsonl"
+        dev = data_dir / f"{domain}.dev.jsonl"
+        train.write_text(
+            "".join(json.dumps(_chat_record(q, a), ensure_ascii=False) + "\n" for q, a in pairs),
+            encoding="utf-8",
+        )
+        dev.write_text(
+            "".join(json.dumps(_chat_record(q, a), ensure_ascii=False) + "\n" for q, a in DEMO_DEV[domain]),
+            encoding="utf-8",
+        )
+        written[domain] = (train, dev)
+    return written
+
+
+def demo_questions() -> dict[str, str]:
+    """The question the quickstart asks for each domain."""
+    return {domain: pairs[0][0] for domain, pairs in DEMO_QA.items()}
+
+
+def demo_answer(domain: str) -> str:
+    return DEMO_QA[domain][0][1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The quickstart, step by step (later issues append steps: serve, composite, export)
+# ----------------------------------------------------------------------------------------------------------
+
+DEMO_BASE_NAME = "demo-llama"
+
+
+@attrs.define
+class Quickstart:
+    """What the quickstart made, for the steps that follow (and for tests)."""
+
+    workspace: Workspace
+    base: BaseRecord | None = None
+    datasets: dict[str, tuple[Path, Path]] = attrs.field(factory=dict)
+    adapters: dict[str, AdapterRecord] = attrs.field(factory=dict)
+    answers: dict[str, dict[str, str]] = attrs.field(factory=dict)
+
+
+def step_workspace(root: Path, echo: Callable[[str], None]) -> Quickstart:
+    workspace, created = Workspace.init(root)
+    echo(f"1. Workspace {workspace.root} ({'created' if created else 'already there'})")
+    return Quickstart(workspace=workspace)
+
+
+def step_base(state: Quickstart, echo: Callable[[str], None]) -> None:
+    workspace = state.workspace
+    folder = workspace.base_dir / DEMO_BASE_NAME
+    with Registry.open(workspace.registry_path) as registry:
+        record = registry.base_for_path(folder) if folder.exists() else None
+        if record is None:
+            if not folder.exists():
+                with workspace.staging("demo-base") as staging:
+                    build_demo_base(staging / "model")
+                    folder.parent.mkdir(parents=True, exist_ok=True)
+                    (staging / "model").rename(folder)
+            record = registry.add_base(folder, name=DEMO_BASE_NAME, workspace=workspace)
+            echo(
+                f"2. Built the demo base '{record.name}' offline in {workspace.relative(folder)} "
+                f"(Llama architecture, random weights, tokenizer trained here; {human_size(record.size_bytes)})"
+            )
+        else:
+            echo(f"2. Demo base '{record.name}' is already registered")
+    state.base = record
+
+
+def step_datasets(state: Quickstart, echo: Callable[[str], None]) -> None:
+    state.datasets = write_demo_datasets(state.workspace.root / "data")
+    for domain, (train, _dev) in state.datasets.items():
+        echo(
+            f"3. Wrote {state.workspace.relative(train)} ({len(DEMO_QA[domain])} German questions and answers) "
+            f"and its dev set"
+        )
+
+
+def step_train(
+    state: Quickstart,
+    plugins: PluginManager,
+    echo: Callable[[str], None],
+    *,
+    method: str,
+    steps: int,
+    progress: bool,
+) -> None:
+    from .training import TrainConfig, train_adapter
+
+    assert state.base is not None
+    for domain, (train, dev) in state.datasets.items():
+        echo(f"4. Training a {method} adapter for {domain} ({steps} steps) ...")
+        config = TrainConfig(
+            base=str(state.base.path),
+            domains=[domain],
+            method=method,
+            dataset=train,
+            dev=dev,
+            rank=16,
+            dropout=0.0,
+            batch_size=4,
+            max_steps=steps,
+            lr=3e-3,
+            max_seq_len=128,
+            seed=0,
+            license="apache-2.0",
+            save_steps=steps,
+        )
+        result = train_adapter(
+            config, state.workspace, plugins, echo=lambda line: echo("   " + line), show_progress=progress
+        )
+        assert result.record is not None
+        state.adapters[domain] = result.record
+
+
+def generate_answers(
+    base_path: Path, adapters: dict[str, Path], questions: dict[str, str], max_new_tokens: int = 40
+) -> dict[str, dict[str, str]]:
+    """Greedy answers to each question from the base alone and from each adapter (one base load)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    names = list(adapters)
+    for index, name in enumerate(names):
+        if index == 0:
+            model = PeftModel.from_pretrained(model, str(adapters[name]), adapter_name=name)
+        else:
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.eval()
+
+    def answer(question: str) -> str:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return " ".join(str(text).split())
+
+    answers: dict[str, dict[str, str]] = {}
+    for domain, question in questions.items():
+        row: dict[str, str] = {}
+        if names:
+            with model.disable_adapter():
+                row["base"] = answer(question)
+        else:
+            row["base"] = answer(question)
+        for name in names:
+            model.set_adapter(name)
+            row[name] = answer(question)
+        answers[domain] = row
+    return answers
+
+
+def step_compare(state: Quickstart, echo: Callable[[str], None]) -> None:
+    assert state.base is not None
+    adapters = {record.id: record.path for record in state.adapters.values()}
+    questions = demo_questions()
+    state.answers = generate_answers(state.base.path, adapters, questions)
+    echo("5. Each domain's question, answered by the base and by each adapter:")
+    width = max(len(name) for name in ["base", *adapters])
+    for domain, question in questions.items():
+        echo("")
+        echo(f"   [{domain}] {question}")
+        echo(f"   {'expected'.ljust(width)}  {demo_answer(domain)}")
+        for name, text in state.answers[domain].items():
+            echo(f"   {name.ljust(width)}  {text or '(nothing)'}")
+    echo("")
+    for record in state.adapters.values():
+        if "ppl_dev" in record.metrics:
+            echo(
+                f"   {record.id}: ppl_dev {record.metrics['ppl_dev']:.2f} on its dev set "
+                f"(base: {record.metrics.get('ppl_dev_base', float('nan')):.2f})"
+            )
+
+
+def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
+    root = state.workspace.root
+    try:
+        shown = root.relative_to(Path.cwd())
+    except ValueError:
+        shown = root
+    first = next(iter(state.adapters.values())).id if state.adapters else "ID"
+    echo("")
+    echo("Done. What to run next:")
+    echo(f"  clara -w {shown} adapters list                      # the registry")
+    echo(f"  clara -w {shown} adapters show {first}     # hashes, metrics, dataset_ref, config")
+    echo(f"  clara -w {shown} adapters verify --rebuild {first}  # retrain and compare checksums")
+    echo(
+        f"  clara -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
+        "--dataset YOUR.jsonl   # your own data"
+    )
+
+
+def run_quickstart(
+    root: Path,
+    plugins: PluginManager,
+    *,
+    method: str = "lora",
+    steps: int = 300,
+    echo: Callable[[str], None] = print,
+    progress: bool = False,
+) -> Quickstart:
+    """The quickstart's steps in order; each later issue adds its own step at the end."""
+    plugins.trainer_method(method)  # an uninstalled method fails before anything is built
+    state = step_workspace(root, echo)
+    step_base(state, echo)
+    step_datasets(state, echo)
+    step_train(state, plugins, echo, method=method, steps=steps, progress=progress)
+    step_compare(state, echo)
+    step_next(state, echo)
+    return state

@@ -1,0 +1,17 @@
+"""The machinery behind ``clara train``: datasets, the shared loop on transformers' Trainer, registration.
+
+- :mod:`.data`: JSONL validation, tokenisation with loss masks, packing.
+- :mod:`.config`: :class:`TrainConfig` and the micro-batch plan.
+- :mod:`.loop`: the Trainer, progress, checkpoints, Ctrl-C, perplexity.
+- :mod:`.run`: one run from inputs to a registered adapter, all or nothing; rebuilds.
+- :mod:`.methods`: helpers trainer-method plugins build on.
+
+Importing this package is cheap; torch, transformers and peft load when a run starts.
+"""
+
+from __future__ import annotations
+
+from .config import TrainConfig
+from .run import METADATA_FILE, DiskFull, TrainResult, rebuild_adapter, train_adapter
+
+__all__ = ["METADATA_FILE", "DiskFull", "TrainConfig", "TrainResult", "rebuild_adapter", "train_adapter"]
