@@ -46,6 +46,6 @@ class VllmRequestFailed(ClaraError):
 
 
 class InvalidEngineOption(InvalidInput):
-    """An engine option (``--max-lora-rank``, ``--vllm-arg``, ...) that vLLM would not accept."""
+    """An engine option (``-o max_lora_rank=...``, ``-o vllm_args=...``) that vLLM would not accept."""
 
     code = "invalid_engine_option"

@@ -56,7 +56,7 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 #: Engine options clara passes to ``AsyncEngineArgs`` under the same name when the user sets them; ``None``
 #: (the default) leaves vLLM's own default in place.
 ENGINE_OPTIONS: tuple[Option, ...] = (
-    Option("max_loras", int, None, "adapters vLLM can mix in one batch (default: --max-loaded)"),
+    Option("max_loras", int, None, "adapters vLLM can mix in one batch (default: serve's --max-loaded)"),
     Option(
         "max_lora_rank",
         int,
@@ -64,7 +64,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
         "largest adapter rank vLLM reserves room for, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 "
         "(default: the registry's largest rank for this base, rounded up)",
     ),
-    Option("max_cpu_loras", int, None, "adapters vLLM caches in CPU memory (default: --max-loaded)"),
+    Option("max_cpu_loras", int, None, "adapters vLLM caches in CPU memory (default: serve's --max-loaded)"),
     Option(
         "tensor_parallel_size", int, None, "GPUs to shard each layer across (vLLM --tensor-parallel-size)"
     ),
@@ -87,18 +87,18 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("lora_dtype", str, None, "dtype of the LoRA weights (auto, float16, bfloat16)"),
     Option("distributed_executor_backend", str, None, "mp or ray (ray for more than one node)"),
     Option(
-        "vllm_arg",
+        "vllm_args",
         str,
         None,
-        "any other AsyncEngineArgs field as KEY=VALUE (VALUE read as JSON when it parses), repeatable",
-        multiple=True,
+        "any other AsyncEngineArgs fields: a JSON object, or KEY=VALUE pairs separated by ';' "
+        "(VALUE read as JSON when it parses), e.g. enable_prefix_caching=true;kv_cache_dtype=fp8",
     ),
 )
 
 _LORA_LIMIT_OPTIONS = ("max_loras", "max_lora_rank", "max_cpu_loras")
 #: Declared options passed straight through to AsyncEngineArgs (everything but the LoRA limits and vllm_arg).
 PASS_THROUGH_OPTIONS: tuple[str, ...] = tuple(
-    o.name for o in ENGINE_OPTIONS if o.name not in (*_LORA_LIMIT_OPTIONS, "vllm_arg")
+    o.name for o in ENGINE_OPTIONS if o.name not in (*_LORA_LIMIT_OPTIONS, "vllm_args")
 )
 #: AsyncEngineArgs fields clara sets itself; ``--vllm-arg`` may not override them.
 CLARA_MANAGED_ARGS = frozenset({"model", "tokenizer", "served_model_name", "enable_lora"})
@@ -120,9 +120,7 @@ def _positive_int(options: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidEngineOption(
-            f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}"
-        )
+        raise InvalidEngineOption(f"engine option {name} must be a positive whole number, got {value!r}")
     return value
 
 
@@ -138,7 +136,7 @@ def derive_lora_limits(options: Mapping[str, Any], max_loaded: int, ranks: Itera
     """The LoRA limits for ``AsyncEngineArgs``: the user's options where given, else derived.
 
     ``max_loras`` (adapters in one batch) and ``max_cpu_loras`` (vLLM's CPU cache) default to clara's
-    ``--max-loaded``, so every adapter the server keeps loaded can share one batch. ``max_lora_rank`` defaults
+    ``clara serve --max-loaded``, so every adapter the server keeps loaded can share one batch. ``max_lora_rank`` defaults
     to the largest rank among the registry's servable adapters for this base, rounded up to a value vLLM
     accepts; with no adapters it stays at vLLM's default of 16.
     """
@@ -149,10 +147,10 @@ def derive_lora_limits(options: Mapping[str, Any], max_loaded: int, ranks: Itera
         if explicit_rank not in VLLM_MAX_LORA_RANKS:
             allowed = ", ".join(str(r) for r in VLLM_MAX_LORA_RANKS)
             raise InvalidEngineOption(
-                f"--max-lora-rank {explicit_rank} is not a value vLLM accepts; use one of {allowed} "
-                f"(the next one up is {round_up_rank(explicit_rank)})"
+                f"max_lora_rank {explicit_rank} is not a value vLLM accepts; use one of {allowed} "
+                f"(the next one up is {round_up_rank(explicit_rank)}: -o max_lora_rank={round_up_rank(explicit_rank)})"
             )
-        max_lora_rank, source = explicit_rank, "--max-lora-rank"
+        max_lora_rank, source = explicit_rank, "-o max_lora_rank"
     else:
         known = [int(r) for r in ranks if r]
         if known:
@@ -165,8 +163,8 @@ def derive_lora_limits(options: Mapping[str, Any], max_loaded: int, ranks: Itera
         max_cpu_loras = max(max_loaded, max_loras)
     elif max_cpu_loras < max_loras:
         raise InvalidEngineOption(
-            f"--max-cpu-loras {max_cpu_loras} is below --max-loras {max_loras}; vLLM needs max_cpu_loras >= "
-            "max_loras: raise --max-cpu-loras or lower --max-loras"
+            f"max_cpu_loras {max_cpu_loras} is below max_loras {max_loras}; vLLM needs max_cpu_loras >= "
+            "max_loras: raise -o max_cpu_loras or lower -o max_loras"
         )
     return LoraLimits(max_loras, max_lora_rank, max_cpu_loras, source)
 
@@ -174,31 +172,53 @@ def derive_lora_limits(options: Mapping[str, Any], max_loaded: int, ranks: Itera
 # -- engine arguments ----------------------------------------------------------------------------------------
 
 
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
 def parse_vllm_args(values: Any) -> dict[str, Any]:
-    """``--vllm-arg KEY=VALUE`` entries as AsyncEngineArgs keywords (VALUE parsed as JSON where it parses)."""
-    if values is None:
+    """The ``vllm_args`` engine option as AsyncEngineArgs keywords.
+
+    Accepts a JSON object (``{"enable_prefix_caching": true}``), ``KEY=VALUE`` pairs separated by ``;``
+    (VALUE read as JSON where it parses, else as text), a list of such pairs, or a mapping.
+    """
+    if values is None or values == "":
         return {}
-    if isinstance(values, str):
-        values = [values]
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(values, Mapping):
+        pairs = list(values.items())
+    elif isinstance(values, str) and values.strip().startswith("{"):
+        try:
+            loaded = json.loads(values)
+        except ValueError as exc:
+            raise InvalidEngineOption(f"vllm_args is not a valid JSON object: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise InvalidEngineOption("vllm_args must be a JSON object of AsyncEngineArgs fields")
+        pairs = list(loaded.items())
+    else:
+        entries = values.split(";") if isinstance(values, str) else list(values)
+        for entry in entries:
+            if not str(entry).strip():
+                continue
+            key, sep, raw = str(entry).partition("=")
+            if not sep or not key.strip():
+                raise InvalidEngineOption(
+                    f"vllm_args entry {str(entry).strip()!r}: write KEY=VALUE, like enable_prefix_caching=true"
+                )
+            pairs.append((key, _json_or_text(raw.strip())))
     parsed: dict[str, Any] = {}
     declared = {o.name for o in ENGINE_OPTIONS}
-    for entry in values:
-        key, sep, raw = str(entry).partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise InvalidEngineOption(
-                f"--vllm-arg {entry!r}: write KEY=VALUE, like enable_prefix_caching=true"
-            )
+    for raw_key, value in pairs:
+        key = str(raw_key).strip().lstrip("-").replace("-", "_")
         if key in CLARA_MANAGED_ARGS:
             raise InvalidEngineOption(
-                f"--vllm-arg {key}: clara sets {key} itself from the served base; drop it"
+                f"vllm_args {key}: clara sets {key} itself from the served base; drop it"
             )
         if key in declared:
-            raise InvalidEngineOption(f"--vllm-arg {key}: use the engine option --{key.replace('_', '-')}")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
+            raise InvalidEngineOption(f"vllm_args {key}: use the engine option -o {key}=...")
         parsed[key] = value
     return parsed
 
@@ -226,19 +246,21 @@ def engine_args_kwargs(
             _positive_int(kwargs, key)
     utilisation = kwargs.get("gpu_memory_utilization")
     if utilisation is not None and not (0 < float(utilisation) <= 1):
-        raise InvalidEngineOption(f"--gpu-memory-utilization must be in (0, 1], got {utilisation}")
-    kwargs.update(parse_vllm_args(options.get("vllm_arg")))
+        raise InvalidEngineOption(
+            f"engine option gpu_memory_utilization must be in (0, 1], got {utilisation}"
+        )
+    kwargs.update(parse_vllm_args(options.get("vllm_args")))
     return kwargs
 
 
 def check_engine_arg_names(kwargs: Mapping[str, Any], known: Iterable[str]) -> None:
-    """Refuse keywords that the installed vLLM's AsyncEngineArgs does not have (a misspelt --vllm-arg)."""
+    """Refuse keywords that the installed vLLM's AsyncEngineArgs does not have (a misspelt vllm_args key)."""
     known_set = set(known)
     unknown = sorted(k for k in kwargs if k not in known_set)
     if unknown:
         raise InvalidEngineOption(
             f"the installed vLLM has no engine argument {', '.join(unknown)}; see 'vllm serve --help' for "
-            "the names (write them with '_' in --vllm-arg KEY=VALUE)"
+            "the names (written with '_' in -o vllm_args=KEY=VALUE)"
         )
 
 
@@ -306,7 +328,7 @@ def check_adapter_servable(adapter: Any, max_lora_rank: int, config: Mapping[str
     rank = effective_rank(config, adapter.rank)
     if rank > max_lora_rank:
         hint = (
-            f"restart with --max-lora-rank {round_up_rank(rank)}"
+            f"restart the server with -o max_lora_rank={round_up_rank(rank)}"
             if rank <= VLLM_MAX_LORA_RANKS[-1]
             else f"vLLM's largest is {VLLM_MAX_LORA_RANKS[-1]}; serve it with --engine transformers"
         )

@@ -40,7 +40,7 @@ def test_an_adapter_with_modules_to_save_is_refused(populated):
 
 def test_a_rank_above_max_lora_rank_is_refused_with_the_flag_to_restart_with(populated):
     with pytest.raises(
-        AdapterNotServable, match=r"rank 32 .*max_lora_rank 16: restart with --max-lora-rank 32"
+        AdapterNotServable, match=r"rank 32 .*max_lora_rank 16: restart the server with -o max_lora_rank=32"
     ):
         check_adapter_servable(populated["adapters"]["wide"], max_lora_rank=16)
     assert check_adapter_servable(populated["adapters"]["wide"], max_lora_rank=32) == 32

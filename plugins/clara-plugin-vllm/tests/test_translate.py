@@ -74,9 +74,16 @@ def test_scale_out_options_pass_through_unchanged_and_unset_ones_keep_vllm_defau
     assert "quantization" not in kwargs and "data_parallel_size" not in kwargs
 
 
-def test_vllm_arg_passes_any_other_engine_argument_with_json_values():
-    options = defaults() | {"vllm_arg": ["enable_prefix_caching=true", "kv-cache-dtype=fp8", "swap_space=4"]}
-    kwargs = engine_args_kwargs(Path("/b"), "b", LIMITS, options)
+@pytest.mark.parametrize(
+    "given",
+    [
+        "enable_prefix_caching=true; kv-cache-dtype=fp8;swap_space=4",
+        '{"enable_prefix_caching": true, "kv_cache_dtype": "fp8", "swap_space": 4}',
+        ["enable_prefix_caching=true", "kv_cache_dtype=fp8", "swap_space=4"],
+    ],
+)
+def test_vllm_args_pass_any_other_engine_argument_with_json_values(given):
+    kwargs = engine_args_kwargs(Path("/b"), "b", LIMITS, defaults() | {"vllm_args": given})
     assert kwargs["enable_prefix_caching"] is True
     assert kwargs["kv_cache_dtype"] == "fp8"
     assert kwargs["swap_space"] == 4
@@ -87,19 +94,21 @@ def test_vllm_arg_passes_any_other_engine_argument_with_json_values():
     [
         ("model=/elsewhere", "clara sets model itself"),
         ("enable_lora=false", "clara sets enable_lora itself"),
-        ("tensor_parallel_size=2", "use the engine option --tensor-parallel-size"),
+        ("tensor_parallel_size=2", "use the engine option -o tensor_parallel_size"),
         ("no-equals-sign", "write KEY=VALUE"),
+        ("{not json", "not a valid JSON object"),
+        ("[1, 2]", "write KEY=VALUE"),
     ],
 )
-def test_vllm_arg_refuses_what_clara_manages_or_cannot_parse(entry, message):
+def test_vllm_args_refuse_what_clara_manages_or_cannot_parse(entry, message):
     with pytest.raises(InvalidEngineOption, match=message):
-        parse_vllm_args([entry])
+        parse_vllm_args(entry)
 
 
 def test_out_of_range_engine_options_are_refused_before_vllm_starts():
-    with pytest.raises(InvalidEngineOption, match="gpu-memory-utilization"):
+    with pytest.raises(InvalidEngineOption, match="gpu_memory_utilization"):
         engine_args_kwargs(Path("/b"), "b", LIMITS, defaults() | {"gpu_memory_utilization": 1.5})
-    with pytest.raises(InvalidEngineOption, match="tensor-parallel-size"):
+    with pytest.raises(InvalidEngineOption, match="tensor_parallel_size"):
         engine_args_kwargs(Path("/b"), "b", LIMITS, defaults() | {"tensor_parallel_size": 0})
 
 
@@ -138,11 +147,13 @@ def test_explicit_limits_win_over_derived_ones():
     options = defaults() | {"max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 10}
     limits = derive_lora_limits(options, max_loaded=8, ranks=[8])
     assert (limits.max_loras, limits.max_lora_rank, limits.max_cpu_loras) == (2, 64, 10)
-    assert limits.rank_source == "--max-lora-rank"
+    assert limits.rank_source == "-o max_lora_rank"
 
 
 def test_a_rank_vllm_does_not_accept_is_refused_with_the_next_allowed_one():
-    with pytest.raises(InvalidEngineOption, match=r"--max-lora-rank 24 .*next one up is 32"):
+    with pytest.raises(
+        InvalidEngineOption, match=r"max_lora_rank 24 .*next one up is 32: -o max_lora_rank=32"
+    ):
         derive_lora_limits(defaults() | {"max_lora_rank": 24}, max_loaded=8, ranks=[])
 
 
