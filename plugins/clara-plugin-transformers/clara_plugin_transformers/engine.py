@@ -97,6 +97,7 @@ class TransformersEngine(EngineImpl):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.peak_batch = 0  # most rows decoded in one step so far
         self._cache_arg = "past_key_values"
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -287,6 +288,8 @@ class TransformersEngine(EngineImpl):
             "running": running,
             "waiting": waiting,
             "groups": len(self._groups),
+            "decode_steps": self.steps,
+            "peak_batch": self.peak_batch,
             "dora_adapters": sorted(k for k, v in self._dora.items() if v),
         }
 
@@ -482,6 +485,7 @@ class TransformersEngine(EngineImpl):
         group.mask = mask
         group.positions = group.positions + 1
         self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(group.rows))
         self._take_tokens(group, out.logits[:, -1, :])
 
     def _take_tokens(self, group: _Group, logits: Any) -> None:
