@@ -310,18 +310,33 @@ class LimitsMiddleware:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"] + [
                 (b"content-type", b"application/json")
             ]
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        if length is not None or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        # no Content-Length (chunked upload): read the body here, up to the limit, then replay it
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise too_large
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await _json_response(too_large.http_status, too_large.code, too_large.message)(
+                    scope, receive, send
+                )
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        await self.app(scope, limited_receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 # -- the app ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""``clara serve`` start-up errors: each is one line and exit 1, found before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from click.testing import Result
+
+from clara_core import hookimpl
+from clara_core.errors import ClaraError
+from clara_core.plugins import PluginManager
+from clara_core.serving.app import ServeSettings
+from clara_core.serving.runner import prepare
+from clara_core.types import Engine
+from clara_core.workspace import Workspace
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_unknown_engine_names_the_installed_ones(
+    run_cli: Callable[..., Result], workspace_with_base: Workspace
+) -> None:
+    line = one_line_error(run_cli("--engine", "nosuch", "serve"))
+    assert "unknown engine 'nosuch'" in line and "installed:" in line
+
+
+def test_vllm_without_its_plugin_says_how_to_install_it(
+    run_cli: Callable[..., Result], workspace_with_base: Workspace
+) -> None:
+    line = one_line_error(run_cli("--engine", "vllm", "serve"))
+    assert "clara-plugin-vllm" in line and "pip install" in line
+
+
+def test_port_in_use(run_cli: Callable[..., Result], workspace_with_base: Workspace) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = one_line_error(run_cli("serve", "--port", str(port)))
+    assert f"port {port}" in line and "in use" in line and "--port" in line
+
+
+def test_no_base_and_unknown_base(run_cli: Callable[..., Result], workspace: Workspace) -> None:
+    class Plugin:
+        @hookimpl
+        def register_engines(self, register: Callable) -> None:
+            register(Engine("dummy", lambda base, options: None, "never built in these tests"))
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(Plugin(), name="dummy")
+    with pytest.raises(ClaraError, match="no base model is registered"):
+        prepare(workspace, manager, engine_name="dummy", base_name=None, settings=ServeSettings())
+    with pytest.raises(ClaraError, match="base 'nope' is not registered"):
+        prepare(workspace, manager, engine_name="dummy", base_name="nope", settings=ServeSettings())
+    with pytest.raises(ClaraError, match="no option 'colour'"):
+        prepare(
+            workspace,
+            manager,
+            engine_name="dummy",
+            base_name=None,
+            settings=ServeSettings(),
+            engine_options={"colour": "red"},
+        )
+    with pytest.raises(ClaraError, match="--max-loaded must be at least 1"):
+        prepare(workspace, manager, engine_name="dummy", base_name=None, settings=ServeSettings(max_loaded=0))
+
+
+def test_base_not_registered_through_the_cli(
+    run_cli: Callable[..., Result], workspace_with_base: Workspace, plugin_manager: object
+) -> None:
+    class Plugin:
+        @hookimpl
+        def register_engines(self, register: Callable) -> None:
+            register(Engine("dummy", lambda base, options: None, "never built in these tests"))
+
+    plugin_manager.register(Plugin(), name="dummy")  # type: ignore[attr-defined]
+    line = one_line_error(run_cli("--engine", "dummy", "serve", "--base", "nope", "--port", "0"))
+    assert "base 'nope' is not registered" in line and "tiny" in line
+    line = one_line_error(
+        run_cli("--engine", "dummy", "serve", "--port", "0", "--preload", "nicht-lora-r4-v1")
+    )
+    assert "'nicht-lora-r4-v1' is not registered" in line
+    line = one_line_error(run_cli("--engine", "dummy", "serve", "--port", "0", "-o", "oops"))
+    assert "NAME=VALUE" in line
+
+
+def test_real_process_unknown_engine_is_one_line_without_traceback(workspace_with_base: Workspace) -> None:
+    env = {**os.environ, "CLARA_HOME": str(workspace_with_base.root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clara_core.cli", "--engine", "nosuch", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "unknown engine 'nosuch'" in proc.stderr
+
+
+def test_help_does_not_import_the_server_or_torch() -> None:
+    code = (
+        "import sys\n"
+        "from clara_core.cli import main\n"
+        "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'fastapi', 'uvicorn', 'prometheus_client') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--max-loaded" in proc.stdout
+    assert "HEAVY []" in proc.stdout, proc.stdout
