@@ -330,9 +330,8 @@ class VllmEngine(EngineImpl):
                     deliver("output", output)
             except asyncio.CancelledError:
                 raise
-            except BaseException as exc:
+            except Exception as exc:  # handed to the caller, who raises it as a ClaraError
                 deliver("error", exc)
-                raise
             finally:
                 deliver("end", None)
 

@@ -89,6 +89,12 @@ def register_adapter(
     return registry.register_adapter(draft, folder, workspace, place="copy")
 
 
+@pytest.fixture(scope="session")
+def adapter_registrar() -> Callable[..., AdapterRecord]:
+    """:func:`register_adapter`, for tests and fixtures elsewhere (test modules do not import conftest)."""
+    return register_adapter
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     ws, _ = Workspace.init(tmp_path / "ws")
