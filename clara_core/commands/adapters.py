@@ -175,9 +175,19 @@ def verify_adapter(
     is_flag=True,
     help="Rehash base weights even where the (path, size, mtime) cache says unchanged.",
 )
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Also retrain each adapter from its recorded inputs and report whether the checksum matches.",
+)
 @click.pass_obj
-def verify(obj, adapter_ids: tuple[str, ...], full: bool) -> None:
-    """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch."""
+def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None:
+    """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch.
+
+    With --rebuild, each adapter is trained again from the inputs recorded at training time (base, dataset,
+    method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
+    one; nothing is registered.
+    """
     with obj.registry() as registry:
         records = [registry.get_adapter(i) for i in adapter_ids] if adapter_ids else registry.list_adapters()
         if not records:
@@ -193,9 +203,39 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool) -> None:
                     click.echo(f"MISMATCH {record.id}: {problem}")
             else:
                 click.echo(f"ok       {record.id}")
+    if rebuild:
+        failures += _rebuild(obj, records)
     if failures:
         raise click.ClickException(f"{failures} of {len(records)} adapter(s) failed verification")
     click.echo(f"All {len(records)} adapter(s) match their registered checksums and bases.")
+
+
+def _rebuild(obj, records: list[AdapterRecord]) -> int:
+    """Retrain each record from its recorded inputs; the number whose checksum does not match."""
+    from ..errors import ClaraError
+    from ..training import rebuild_adapter
+
+    workspace = obj.workspace()
+    failures = 0
+    for record in records:
+        click.echo(f"rebuilding {record.id} from its recorded inputs ...", err=True)
+        try:
+            same, checksum = rebuild_adapter(
+                record, workspace, obj.plugins, echo=lambda line: click.echo("  " + line, err=True)
+            )
+        except ClaraError as exc:
+            failures += 1
+            click.echo(f"MISMATCH {record.id}: cannot rebuild: {exc}")
+            continue
+        if same:
+            click.echo(f"rebuilt  {record.id}: adapter_checksum matches ({short_hash(checksum)})")
+        else:
+            failures += 1
+            click.echo(
+                f"MISMATCH {record.id}: rebuilt adapter_checksum {short_hash(checksum)} != registered "
+                f"{short_hash(record.adapter_checksum)}"
+            )
+    return failures
 
 
 def _method_from_config(config: dict) -> str:

@@ -99,10 +99,6 @@ def _make_callbacks(
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
-                elapsed = time.perf_counter() - stats["start"]
-                rate = (counter.tokens - stats["start_tokens"]) / elapsed if elapsed > 0 else 0.0
-                loss = stats["losses"][-1] if stats["losses"] else float("nan")
-                self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tok/s", refresh=False)
             if interrupted():
                 control.should_save = True
                 control.should_training_stop = True
@@ -111,6 +107,10 @@ def _make_callbacks(
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 stats["losses"].append(float(logs["loss"]))
+                if self.bar is not None:
+                    elapsed = time.perf_counter() - stats["start"]
+                    rate = (counter.tokens - stats["start_tokens"]) / elapsed if elapsed > 0 else 0.0
+                    self.bar.set_postfix_str(f"loss {logs['loss']:.4f}, {rate:,.0f} tok/s")
 
         def on_save(self, args, state, control, **kwargs):
             if echo is not None and state.is_world_process_zero:

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import sys
@@ -299,6 +300,8 @@ def train_adapter(
 ) -> TrainResult:
     """Train and (when ``register``) register one adapter; see the module docstring for the steps."""
     dist = _Dist.from_environment()
+    # bitsandbytes warns at import that an optional CPU speed-up kernel is missing; it changes no result.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     say: Callable[[str], None] = (
         (echo or (lambda line: print(line, file=sys.stderr))) if dist.main else (lambda line: None)
     )
@@ -558,6 +561,7 @@ def _save_and_register(
     try:
         try:
             peft_model.save_pretrained(str(folder), safe_serialization=True)
+            _canonical_adapter_config(folder)
             checksum = hashing.adapter_checksum(folder)
             metadata = {
                 "schema": METADATA_SCHEMA,
@@ -627,6 +631,19 @@ def _save_and_register(
     finally:
         if register:
             shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def _canonical_adapter_config(folder: Path) -> None:
+    """PEFT writes ``target_modules`` from a Python set, in an order that changes with the hash seed; sorted,
+    the same training gives the same bytes (and the same ``adapter_checksum``) in every process."""
+    config_path = folder / hashing.ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    partial = config_path.with_name(f".{config_path.name}.partial")
+    partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, config_path)
 
 
 def _rename_metadata_id(record: AdapterRecord) -> None:
