@@ -100,7 +100,7 @@ _LORA_LIMIT_OPTIONS = ("max_loras", "max_lora_rank", "max_cpu_loras")
 PASS_THROUGH_OPTIONS: tuple[str, ...] = tuple(
     o.name for o in ENGINE_OPTIONS if o.name not in (*_LORA_LIMIT_OPTIONS, "vllm_args")
 )
-#: AsyncEngineArgs fields clara sets itself; ``--vllm-arg`` may not override them.
+#: AsyncEngineArgs fields clara sets itself; ``vllm_args`` may not override them.
 CLARA_MANAGED_ARGS = frozenset({"model", "tokenizer", "served_model_name", "enable_lora"})
 
 
