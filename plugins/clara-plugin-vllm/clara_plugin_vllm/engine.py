@@ -8,7 +8,9 @@ vLLM on a private event loop in one background thread and crosses over with
 blocking it, and :meth:`VllmEngine.generate` relays vLLM's stream into the caller's loop. A caller that stops
 iterating (a client that disconnects) cancels the relay, and vLLM's ``generate`` aborts the request on
 cancellation (vllm/v1/engine/async_llm.py, ``AsyncLLM.generate``: ``except (asyncio.CancelledError,
-GeneratorExit): await self.abort(...)``).
+GeneratorExit): await self.abort(...)``). Running vLLM's V1 engine outside the main thread needs vLLM 0.10.2 or
+later: vllm-project/vllm#23298 removed the V1 main-thread guard (earlier V1 releases installed signal handlers,
+which only work in the main thread); this plugin requires vllm>=0.11.
 
 vLLM names used (vllm-project/vllm main, 2026): ``AsyncLLM.from_engine_args``, ``AsyncLLM.generate(prompt,
 sampling_params, request_id, lora_request=...)``, ``add_lora(LoRARequest) -> bool``, ``remove_lora(lora_id)
