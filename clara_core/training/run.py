@@ -32,7 +32,14 @@ import attrs
 from .. import __version__, hashing
 from ..errors import ClaraError, Conflict, InvalidInput, NotFound
 from ..plugins import PluginManager
-from ..registry import AdapterDraft, AdapterRecord, BaseRecord, Registry, dataset_ref, parse_dataset_ref
+from ..registry import (
+    AdapterDraft,
+    AdapterRecord,
+    Registry,
+    dataset_ref,
+    normalise_base_name,
+    parse_dataset_ref,
+)
 from ..types import TrainerMethod, TrainerMethodImpl
 from ..workspace import Workspace, domain_key
 from . import data as data_mod
@@ -116,17 +123,19 @@ def method_options(registration: TrainerMethod, given: dict[str, Any]) -> dict[s
     return options
 
 
-def resolve_base(
-    value: str,
-    registry: Registry | None,
-    workspace: Workspace,
-    *,
-    register: bool,
-    echo: Callable[[str], None],
-) -> tuple[Path, str, str | None, str]:
-    """(folder, base_model_hash, tokenizer_hash, name) of ``--base``: a folder, or a registered base's name.
+@attrs.define
+class ResolvedBase:
+    path: Path
+    base_model_hash: str
+    tokenizer_hash: str | None
+    name: str
+    registered: bool
 
-    A registered folder must still match its hash; an unregistered one is registered when ``register``.
+
+def resolve_base(value: str, registry: Registry | None) -> ResolvedBase:
+    """``--base``: a model folder, or a registered base's name; a registered folder must still match its hash.
+
+    An unregistered base is registered together with the adapter, at the end (so a failed run changes nothing).
     """
     path = Path(value).expanduser()
     if not path.exists() and registry is not None and "/" not in value:
@@ -134,11 +143,8 @@ def resolve_base(
             path = registry.get_base(value).path
     hashing.read_model_config(path)  # a clear error when this is not a model folder
     if registry is None:
-        return (
-            path,
-            hashing.base_model_hash(path),
-            hashing.tokenizer_hash(path),
-            path.name,
+        return ResolvedBase(
+            path, hashing.base_model_hash(path), hashing.tokenizer_hash(path), path.name, False
         )
     current = hashing.base_model_hash(path, cache=registry)
     record_at_path = registry.base_for_path(path)
@@ -149,15 +155,18 @@ def resolve_base(
                 f"(registered {record_at_path.base_model_hash[:12]}, now {current[:12]}); restore them, or "
                 "register the changed model under a new name with 'clara base add PATH --name NEW'"
             )
-        return path, current, record_at_path.tokenizer_hash, record_at_path.name
+        return ResolvedBase(path, current, record_at_path.tokenizer_hash, record_at_path.name, True)
     same = registry.find_base(current)
     if same is not None:
-        return path, current, same.tokenizer_hash, same.name
-    if not register:
-        return path, current, hashing.tokenizer_hash(path, cache=registry), path.name
-    added: BaseRecord = registry.add_base(path, workspace=workspace)
-    echo(f"Registered base '{added.name}' ({added.base_model_hash[:12]}) from {path}")
-    return path, current, added.tokenizer_hash, added.name
+        return ResolvedBase(path, current, same.tokenizer_hash, same.name, True)
+    name = normalise_base_name(path.name)
+    with suppress(NotFound):
+        other = registry.get_base(name)
+        raise Conflict(
+            f"{path}: not registered, and its folder name '{name}' is taken by another base ({other.path}); "
+            f"register it first with 'clara base add {path} --name NEW'"
+        )
+    return ResolvedBase(path, current, hashing.tokenizer_hash(path, cache=registry), name, False)
 
 
 def _check_out_dir(
@@ -317,10 +326,16 @@ def train_adapter(
     dev_examples = data_mod.load_examples(config.dev) if config.dev is not None else None
 
     with Registry.open(workspace.registry_path) as registry:
-        base_path, base_hash, tokenizer_hash, base_name = resolve_base(
-            config.base, registry, workspace, register=register and dist.main, echo=say
-        )
         target = _check_out_dir(config.out_dir, workspace, registry if register else None, config)
+        base = resolve_base(config.base, registry)
+    base_path, base_hash, tokenizer_hash, base_name = (
+        base.path,
+        base.base_model_hash,
+        base.tokenizer_hash,
+        base.name,
+    )
+    if not base.registered and register:
+        say(f"Base {base_path} is not registered yet; it is registered as '{base_name}' with the adapter")
 
     import torch
 
@@ -480,7 +495,8 @@ def train_adapter(
             versions=library_versions(impl),
             target=target,
             register=register,
-            base_name=base_name,
+            base=base,
+            echo=say,
         )
         record, checksum, kept_path = result
         if register:
@@ -547,7 +563,8 @@ def _save_and_register(
     versions: dict[str, str],
     target: Path | None,
     register: bool,
-    base_name: str,
+    base: ResolvedBase,
+    echo: Callable[[str], None],
 ) -> tuple[AdapterRecord | None, str, Path | None]:
     _clear_stale_staging(workspace)
     workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -571,7 +588,7 @@ def _save_and_register(
                 "alpha": peft_dict.get("lora_alpha"),
                 "use_rslora": bool(peft_dict.get("use_rslora")),
                 "target_modules": target_modules,
-                "base": base_name,
+                "base": base.name,
                 "base_model_hash": base_hash,
                 "tokenizer_hash": tokenizer_hash,
                 "adapter_checksum": checksum,
@@ -616,7 +633,11 @@ def _save_and_register(
             metrics={k: v for k, v in metrics.items() if v == v},  # drop NaN
             size_bytes=hashing.folder_size(folder),
         )
-        with Registry.open(workspace.registry_path) as registry:
+        with Registry.open(workspace.registry_path) as registry, registry._write():
+            # One transaction: the base (when new) and the adapter are registered together or not at all.
+            if not base.registered:
+                added = registry.add_base(base.path, name=base.name, workspace=workspace)
+                echo(f"Registered base '{added.name}' ({added.base_model_hash[:12]}) from {base.path}")
             record = registry.register_adapter(draft, folder, workspace, place="move", target=target)
             _rename_metadata_id(record)
             if "ppl_dev" in metrics and recorded.get("dev"):

@@ -1,0 +1,271 @@
+"""clara train end to end in-process: the plan's command, registry fields, determinism, rebuild, bad inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from clara_core import hashing
+from clara_core.cli import ClaraContext, cli
+from clara_core.plugins import PluginManager
+from clara_core.workspace import Workspace
+
+TEXTS = [
+    "Das Finanzamt setzt die Einkommensteuer durch Steuerbescheid fest.",
+    "Der Einspruch ist innerhalb eines Monats nach Bekanntgabe einzulegen.",
+    "Die Umsatzsteuer beträgt im Regelfall neunzehn Prozent.",
+    "Werbungskosten sind Aufwendungen zur Erwerbung, Sicherung und Erhaltung der Einnahmen.",
+]
+
+
+def run(workspace: Workspace, *args: str, plugins: PluginManager | None = None) -> Result:
+    obj = ClaraContext(workspace=workspace.root, plugins=plugins or PluginManager())
+    return CliRunner().invoke(cli, list(args), obj=obj, catch_exceptions=False)
+
+
+def snapshot(workspace: Workspace) -> dict:
+    """What a failed run must leave unchanged: registry rows and the adapters folder."""
+    conn = sqlite3.connect(workspace.registry_path)
+    try:
+        state = {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("adapters", "bases", "audit_log", "metrics_history")
+        }
+    finally:
+        conn.close()
+    state["folders"] = sorted(str(p.relative_to(workspace.root)) for p in workspace.adapters_dir.rglob("*"))
+    return state
+
+
+@pytest.fixture
+def data_dir(workspace: Workspace) -> Path:
+    folder = workspace.root / "data" / "training_batches"
+    folder.mkdir(parents=True)
+    (folder / "steuer_batch.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS * 4)
+    )
+    (folder / "dev.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS)
+    )
+    return folder
+
+
+@pytest.fixture
+def leo_base(workspace: Workspace, tiny_base_dir: Path) -> Path:
+    target = workspace.base_dir / "leo_base"
+    shutil.copytree(tiny_base_dir, target)
+    return target
+
+
+FAST = ("--max-steps", "12", "--lr", "5e-3", "--max-seq-len", "64", "--micro-batch-size", "4")
+
+
+def test_plan_command_trains_and_registers_every_field(
+    workspace: Workspace, leo_base: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(workspace.root)
+    result = run(
+        workspace,
+        "train",
+        "--base", "models/base/leo_base",
+        "--domain", "steuerrecht",
+        "--method", "lora",
+        "--rank", "16",
+        "--batch-size", "64",
+        "--dataset", "data/training_batches/steuer_batch.jsonl",
+        "--out-dir", "models/adapters/steuerrecht/lora-r16-v1",
+        "--dev", "data/training_batches/dev.jsonl",
+        "--license", "apache-2.0",
+        "--max-steps", "3",
+        "--max-seq-len", "64",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "is not registered yet; it is registered as 'leo_base'" in result.output
+    assert "Registered steuerrecht-lora-r16-v1 at models/adapters/steuerrecht/lora-r16-v1" in result.output
+    folder = workspace.root / "models/adapters/steuerrecht/lora-r16-v1"
+    assert {p.name for p in folder.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "clara_adapter.json",
+    }
+    assert not list(workspace.tmp_dir.glob("train-*")), "staging folder left behind"
+    assert not (workspace.metadata_dir / "runs").exists() or not any(
+        (workspace.metadata_dir / "runs").iterdir()
+    )
+
+    entry = json.loads(run(workspace, "adapters", "show", "steuerrecht-lora-r16-v1", "--json").output)
+    base = json.loads(run(workspace, "base", "list", "--json").output)[0]
+    assert entry["base_model_hash"] == base["base_model_hash"] == hashing.base_model_hash(leo_base)
+    assert entry["tokenizer_hash"] == base["tokenizer_hash"]
+    assert entry["adapter_checksum"] == hashing.adapter_checksum(folder)
+    sha = hashing.sha256_file(data_dir / "steuer_batch.jsonl")
+    assert entry["dataset_ref"] == f"data/training_batches/steuer_batch.jsonl@sha256:{sha}"
+    assert entry["license"] == "apache-2.0"
+    assert entry["metrics"]["ppl_dev"] > 1
+    assert entry["metrics"]["ppl_dev"] < entry["metrics"]["ppl_dev_base"]
+    assert [h["name"] for h in entry["metrics_history"]] == ["ppl_dev", "ppl_dev_base"]
+    assert entry["seed"] == 0
+    assert entry["training_config"]["batch_size"] == 64
+    assert (
+        entry["training_config"]["micro_batch_size"] * entry["training_config"]["gradient_accumulation_steps"]
+        == 64
+    )
+    assert set(entry["library_versions"]) >= {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+    assert entry["peft_config"]["r"] == 16 and entry["peft_config"]["peft_type"] == "LORA"
+    assert entry["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    metadata = json.loads((folder / "clara_adapter.json").read_text())
+    assert metadata["id"] == "steuerrecht-lora-r16-v1"
+    assert metadata["adapter_checksum"] == entry["adapter_checksum"]
+
+
+def test_same_inputs_and_seed_give_the_same_checksum_and_rebuild_matches(
+    workspace: Workspace, leo_base: Path, data_dir: Path
+) -> None:
+    args = ("train", "--base", str(leo_base), "--domain", "steuerrecht", "--dataset",
+            str(data_dir / "steuer_batch.jsonl"), "--batch-size", "8", "--dropout", "0.1", *FAST)  # fmt: skip
+    first = run(workspace, *args)
+    second = run(workspace, *args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    one = json.loads(run(workspace, "adapters", "show", "steuerrecht-lora-r16-v1", "--json").output)
+    two = json.loads(run(workspace, "adapters", "show", "steuerrecht-lora-r16-v2", "--json").output)
+    assert one["adapter_checksum"] == two["adapter_checksum"]
+    assert (workspace.root / one["path"] / "adapter_model.safetensors").read_bytes() == (
+        workspace.root / two["path"] / "adapter_model.safetensors"
+    ).read_bytes()
+    other_seed = run(workspace, *args, "--seed", "1")
+    assert other_seed.exit_code == 0
+    three = json.loads(run(workspace, "adapters", "show", "steuerrecht-lora-r16-v3", "--json").output)
+    assert three["adapter_checksum"] != one["adapter_checksum"]
+
+    before = snapshot(workspace)
+    verified = run(workspace, "adapters", "verify", "--rebuild", "steuerrecht-lora-r16-v1")
+    assert verified.exit_code == 0, verified.output
+    assert "rebuilt  steuerrecht-lora-r16-v1: adapter_checksum matches" in verified.output
+    assert snapshot(workspace)["adapters"] == before["adapters"]
+
+    # A changed dataset is reported, not silently retrained.
+    with open(data_dir / "steuer_batch.jsonl", "a") as handle:
+        handle.write('{"text": "neu"}\n')
+    changed = run(workspace, "adapters", "verify", "--rebuild", "steuerrecht-lora-r16-v1")
+    assert changed.exit_code == 1
+    assert "changed since training" in changed.output
+
+
+def _bad(workspace: Workspace, *args: str, plugins: PluginManager | None = None) -> str:
+    before = snapshot(workspace)
+    result = run(workspace, "train", *args, plugins=plugins)
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: "), result.output
+    assert snapshot(workspace) == before
+    return last
+
+
+@pytest.mark.parametrize(
+    ("records", "extra", "expected"),
+    [
+        (None, (), "nope.jsonl: dataset not found"),
+        (['{"text": "a"}', '{"text": "b",}'], (), "d.jsonl:2: invalid JSON"),
+        (['{"text": "a"}', '{"frage": "a", "antwort": "b"}'], (), "d.jsonl:2: record of no known shape"),
+        (['{"prompt": "Frage?", "completion": ""}'], (), "d.jsonl:1: empty completion"),
+        (['{"text": "kurz"}', json.dumps({"text": "Steuer " * 100})], ("--no-truncate",), "d.jsonl:2:"),
+        (['{"text": "a"}'], ("--rank", "0"), "--rank must be at least 1, got 0"),
+        (
+            ['{"text": "a"}'],
+            ("--batch-size", "6", "--micro-batch-size", "4"),
+            "--batch-size 6 is not a multiple",
+        ),
+        (['{"text": "a"}'], ("--method", "nonesuch"), "unknown trainer method 'nonesuch'; installed: "),
+        (['{"text": "a"}'], ("--bits", "4"), "--bits is not an option of method 'lora'"),
+    ],
+)
+def test_bad_dataset_and_options(
+    workspace: Workspace, leo_base: Path, tmp_path: Path, records, extra, expected: str
+) -> None:
+    path = tmp_path / ("nope.jsonl" if records is None else "d.jsonl")
+    if records is not None:
+        path.write_text("\n".join(records) + "\n")
+    line = _bad(
+        workspace,
+        "--base",
+        str(leo_base),
+        "--domain",
+        "steuerrecht",
+        "--dataset",
+        str(path),
+        *FAST[:6],
+        *extra,
+    )
+    assert expected in line
+    if "--no-truncate" in extra:
+        assert "longer than --max-seq-len 64" in line
+
+
+def test_base_not_a_model_and_changed_base(
+    workspace: Workspace, leo_base: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    dataset = str(data_dir / "steuer_batch.jsonl")
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    line = _bad(workspace, "--base", str(empty), "--domain", "x", "--dataset", dataset)
+    assert "not a model folder (no config.json)" in line
+
+    assert run(workspace, "base", "add", str(leo_base)).exit_code == 0
+    config = json.loads((leo_base / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
+    (leo_base / "config.json").write_text(json.dumps(config))
+    line = _bad(workspace, "--base", str(leo_base), "--domain", "x", "--dataset", dataset)
+    assert "files of base 'leo_base' changed since it was registered" in line
+
+
+def test_method_not_installed_names_the_package(workspace: Workspace, leo_base: Path, data_dir: Path) -> None:
+    without_dora = PluginManager(only=["lora", "qlora"])
+    line = _bad(
+        workspace, "--base", str(leo_base), "--domain", "x", "--method", "dora",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"), plugins=without_dora,
+    )  # fmt: skip
+    assert "unknown trainer method 'dora'; installed: lora, qlora" in line
+    assert "pip install clara-plugin-dora" in line
+
+
+def test_output_folder_exists(workspace: Workspace, leo_base: Path, data_dir: Path) -> None:
+    taken = workspace.adapters_dir / "steuerrecht" / "lora-r16-v1"
+    taken.mkdir(parents=True)
+    (taken / "keep.txt").write_text("mine")
+    line = _bad(
+        workspace, "--base", str(leo_base), "--domain", "steuerrecht", "--dataset",
+        str(data_dir / "steuer_batch.jsonl"), "--out-dir", str(taken),
+    )  # fmt: skip
+    assert "output folder exists" in line
+    assert (taken / "keep.txt").read_text() == "mine"
+
+
+def test_disk_full_while_saving_registers_nothing(
+    workspace: Workspace, leo_base: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import peft.peft_model
+
+    real_save = peft.peft_model.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if "/metadata/tmp/train-" in str(filename):  # the final save, after training
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    line = _bad(
+        workspace, "--base", str(leo_base), "--domain", "steuerrecht",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "4", *FAST,
+    )  # fmt: skip
+    assert "disk full while saving the adapter" in line
+    assert "nothing was registered" in line
+    assert not list(workspace.tmp_dir.glob("train-*"))
