@@ -127,6 +127,10 @@ def micro_batch_plan(config: TrainConfig, world_size: int, *, on_gpu: bool) -> t
 
 def run_key(recorded: dict[str, Any]) -> str:
     """A stable name for a run's checkpoint folder, from the inputs that decide what is trained."""
-    relevant = {k: v for k, v in recorded.items() if k not in {"license", "out_dir", "resumed_from_step"}}
+    relevant = {
+        k: v
+        for k, v in recorded.items()
+        if k not in {"license", "out_dir", "resumed_from_step", "base_quantization"}
+    }
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -425,6 +425,11 @@ def train_adapter(
             impl, spec, base_path, precision, on_gpu, dist, config.seed, config.target_modules
         )
         peft_model, target_modules = model
+        quantization = getattr(peft_model.base_model.model.config, "quantization_config", None)
+        if quantization is not None:  # how the base was held in memory while training (qlora's 4 / 8 bit)
+            recorded["base_quantization"] = _jsonable(
+                quantization.to_dict() if hasattr(quantization, "to_dict") else quantization
+            )
         trainable, total = _parameter_counts(peft_model)
         say(
             f"Training {config.method} r={config.rank} on '{base_name}' ({len(target_modules)} module kinds: "
