@@ -1,0 +1,88 @@
+"""clara quickstart and clara base create-demo: offline demo base, two domain adapters, visible effect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from clara_core import demo
+from clara_core.cli import ClaraContext, cli
+from clara_core.plugins import PluginManager
+
+
+def _words(text: str) -> set[str]:
+    return {w.strip(".,?").lower() for w in text.split()}
+
+
+def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -> None:
+    root = tmp_path / "clara-workspace"
+    result = CliRunner().invoke(
+        cli,
+        ["quickstart", "--dir", str(root)],
+        obj=ClaraContext(plugins=PluginManager()),
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    listed = json.loads(
+        CliRunner().invoke(cli, ["-w", str(root), "adapters", "list", "--json"], obj=ClaraContext()).output
+    )
+    ids = sorted(entry["id"] for entry in listed)
+    assert ids == ["sozialrecht-lora-r16-v1", "steuerrecht-lora-r16-v1"]
+    for entry in listed:
+        assert entry["dataset_ref"].startswith(f"data/{entry['domain'][0]}.jsonl@sha256:")
+        assert entry["metrics"]["ppl_dev"] < entry["metrics"]["ppl_dev_base"]
+    bases = json.loads(CliRunner().invoke(cli, ["-w", str(root), "base", "list", "--json"]).output)
+    assert [b["name"] for b in bases] == ["demo-llama"]
+
+    # For each domain's question: the base, then each adapter; the domain's own adapter answers it best.
+    for domain, question in demo.demo_questions().items():
+        assert f"[{domain}] {question}" in out
+        block = out.split(f"[{domain}] {question}", 1)[1].split("\n\n", 1)[0]
+        answers = {
+            line.split(None, 1)[0]: ([*line.split(None, 1), ""])[1] for line in block.strip().splitlines()
+        }
+        assert set(answers) == {"expected", "base", *ids}
+        expected = _words(demo.demo_answer(domain))
+        own = f"{domain}-lora-r16-v1"
+        assert len(_words(answers[own]) & expected) > len(_words(answers["base"]) & expected)
+        assert len(_words(answers[own]) & expected) >= len(expected) // 2
+    assert "What to run next" in out
+    assert "adapters verify --rebuild" in out
+
+    # Running it again reuses the base and adds new versions, never overwriting.
+    again = CliRunner().invoke(
+        cli, ["quickstart", "--dir", str(root), "--steps", "2"], obj=ClaraContext(plugins=PluginManager())
+    )
+    assert again.exit_code == 0, again.output
+    assert "Demo base 'demo-llama' is already registered" in again.output
+    assert "steuerrecht-lora-r16-v2" in again.output
+
+
+def test_quickstart_with_a_method_that_is_not_installed(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["quickstart", "--dir", str(tmp_path / "ws"), "--method", "dora"],
+        obj=ClaraContext(plugins=PluginManager(only=["lora", "qlora"])),
+    )
+    assert result.exit_code == 1
+    assert "pip install clara-plugin-dora" in result.output.strip().splitlines()[-1]
+    assert not (tmp_path / "ws").exists()
+
+
+def test_create_demo_builds_a_loadable_model_and_refuses_an_existing_folder(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["base", "create-demo", str(target)])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(str(target))
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    assert model.config.model_type == "llama"
+    assert tokenizer.chat_template
+    assert len(tokenizer("Das Finanzamt setzt die Einkommensteuer fest.")["input_ids"]) < 12
+    again = CliRunner().invoke(cli, ["base", "create-demo", str(target)])
+    assert again.exit_code == 1
+    assert "already exists" in again.output
