@@ -320,22 +320,37 @@ class TransformersEngine(EngineImpl):
                         future.set_result(fn())
                     except BaseException as exc:
                         future.set_exception(exc)
-                self._prune()
-                if admitted:
-                    self._admit(admitted)
-                for group in list(self._groups):
-                    if group.rows:
-                        self._guarded(group.rows, lambda g=group: self._decode(g))
-                self._prune()
+                try:
+                    self._step(admitted)
+                except Exception as exc:  # a bug must not kill the worker and hang every request
+                    rows = admitted + [r for g in self._groups for r in g.rows]
+                    self._groups = []
+                    for row in rows:
+                        if not row.finished:
+                            row.finished = True
+                            row.send(ClaraError(f"generation failed: {type(exc).__name__}: {exc}"))
         for seq in pending:
             seq.send(GenerationChunk(text="", finish_reason="abort"))
+
+    def _step(self, admitted: list[_Sequence]) -> None:
+        self._prune()
+        if admitted:
+            self._admit(admitted)
+        for group in list(self._groups):
+            if group.rows:
+                self._guarded(group.rows, lambda g=group: self._decode(g))
+        self._prune()
 
     def _guarded(self, rows: list[_Sequence], step: Callable[[], None]) -> None:
         """Run one step; a failure ends the affected requests with the error and the worker goes on."""
         try:
             step()
         except Exception as exc:
-            error = exc if isinstance(exc, ClaraError) else ClaraError(f"generation failed: {exc}")
+            error = (
+                exc
+                if isinstance(exc, ClaraError)
+                else ClaraError(f"generation failed: {type(exc).__name__}: {exc}")
+            )
             for row in rows:
                 row.finished = True
                 row.send(error)
@@ -393,9 +408,8 @@ class TransformersEngine(EngineImpl):
                 self.peft.set_adapter(adapter)
                 self._active = adapter
             return self.peft(**inputs)
-        if unique == {BASE}:
-            with self.peft.disable_adapter():
-                return self.peft(**inputs)
+        if unique == {BASE} and not self._dora:
+            return self.model(**inputs)  # PEFT's layers hold no adapter: plain base computation
         return self.peft(adapter_names=names, **inputs)
 
     def _prefill(self, key: str, rows: list[_Sequence]) -> None:

@@ -1,0 +1,167 @@
+"""The transformers engine on its own: a tiny Llama, real PEFT LoRA and DoRA adapters, no server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from clara_core.errors import ClaraError, InvalidInput
+from clara_core.plugins import PluginManager
+from clara_core.types import EngineOptions, GenerationRequest
+
+PROMPTS = ["Das Finanzamt setzt", "Der Bescheid", "Die Verwaltung entscheidet über", "Leistungen"]
+
+
+@attrs.define
+class Base:
+    name: str
+    path: Path
+
+
+@attrs.define
+class Adapter:
+    id: str
+    path: Path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from clara_core.tinymodels import build_llama, random_lora_adapter
+
+    root = tmp_path_factory.mktemp("engine")
+    base = build_llama(root / "base", seed=3)
+    made = {"base": base}
+    for i in range(3):
+        made[f"lora{i}"] = random_lora_adapter(base, root / f"lora{i}", seed=10 + i)
+    made["dora"] = random_lora_adapter(base, root / "dora", seed=20, use_dora=True)
+    made["attn_only"] = random_lora_adapter(base, root / "attn", seed=30, target_modules=["q_proj", "v_proj"])
+    return made
+
+
+def make_engine(models: dict[str, Path], **extra: Any) -> Any:
+    registration = PluginManager().engine("transformers")  # through the installed entry point
+    return registration.create(Base("tiny", models["base"]), EngineOptions(extra={"device": "cpu", **extra}))
+
+
+async def run(engine: Any, prompt: str, adapter: str | None, **kwargs: Any) -> tuple[str, Any]:
+    text, last = "", None
+    async for chunk in engine.generate(GenerationRequest(prompt=prompt, adapter_id=adapter, **kwargs)):
+        text += chunk.text
+        last = chunk
+    return text, last
+
+
+ADAPTERS = ["lora0", "lora1", "lora2", "dora", "attn_only"]
+
+
+def test_registered_lazily_without_heavy_imports() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom clara_core.plugins import PluginManager\n"
+        "PluginManager().engine('transformers')\n"
+        "print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().endswith("[]"), out
+
+
+def test_mixed_batches_match_each_adapter_alone_and_never_reload_the_base(models: dict[str, Path]) -> None:
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        for name in ADAPTERS:
+            await engine.load_adapter(Adapter(name, models[name]))
+        assert engine.base_loads == 1 and sorted(engine.loaded_adapters()) == sorted(ADAPTERS)
+        choices: list[str | None] = [*ADAPTERS, None]
+        alone = {(a, p): (await run(engine, p, a, max_tokens=10))[0] for a in choices for p in PROMPTS}
+        assert len({alone[(a, PROMPTS[0])] for a in choices}) == len(choices)  # all differ
+        jobs = [(choices[i % len(choices)], PROMPTS[i % len(PROMPTS)]) for i in range(36)]
+        results = await asyncio.gather(*(run(engine, p, a, max_tokens=10) for a, p in jobs))
+        for (adapter, prompt), (text, last) in zip(jobs, results, strict=True):
+            assert text == alone[(adapter, prompt)], (adapter, prompt)
+            assert last.finish_reason == "length" and last.completion_tokens == 10
+        assert engine.peak_batch > 8
+        assert engine.base_loads == 1
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_requests_joining_a_running_batch_get_the_same_answers(models: dict[str, Path]) -> None:
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        for name in ("lora0", "lora1"):
+            await engine.load_adapter(Adapter(name, models[name]))
+        alone = {
+            (a, p): (await run(engine, p, a, max_tokens=24))[0] for a in ("lora0", "lora1") for p in PROMPTS
+        }
+        tasks = []
+        for i, prompt in enumerate(PROMPTS * 2):
+            adapter = ("lora0", "lora1")[i % 2]
+            tasks.append((adapter, prompt, asyncio.create_task(run(engine, prompt, adapter, max_tokens=24))))
+            await asyncio.sleep(0.01)  # arrive while the others decode (continuous batching)
+        for adapter, prompt, task in tasks:
+            assert (await task)[0] == alone[(adapter, prompt)]
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_stop_strings_sampling_seed_eos_and_limits(models: dict[str, Path]) -> None:
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        full, _ = await run(engine, PROMPTS[0], None, max_tokens=16)
+        visible = [c for c in full[3:] if c.strip() and c != "\ufffd"]
+        if visible:
+            stop = visible[0]
+            text, last = await run(engine, PROMPTS[0], None, max_tokens=16, stop=[stop])
+            assert text == full[: full.index(stop)] and last.finish_reason == "stop"
+        a, _ = await run(engine, PROMPTS[1], None, max_tokens=12, temperature=1.0, seed=1)
+        b, _ = await run(engine, PROMPTS[1], None, max_tokens=12, temperature=1.0, seed=1)
+        assert a == b
+        _, last = await run(engine, PROMPTS[1], None, max_tokens=30, ignore_eos=True)
+        assert last.completion_tokens == 30
+        with pytest.raises(InvalidInput, match="context"):
+            await run(engine, PROMPTS[1], None, max_tokens=10_000)
+        with pytest.raises(InvalidInput, match="empty"):
+            await run(engine, "", None, max_tokens=3)
+        with pytest.raises(ClaraError, match="not loaded"):
+            await run(engine, PROMPTS[1], "lora0", max_tokens=3)
+        assert "<|assistant|>" in engine.render_chat([{"role": "user", "content": "Hallo"}])
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_leaves_the_batch_and_unload_frees_the_adapter(models: dict[str, Path]) -> None:
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        await engine.load_adapter(Adapter("lora0", models["lora0"]))
+        stream = engine.generate(
+            GenerationRequest(prompt=PROMPTS[0], adapter_id="lora0", max_tokens=400, ignore_eos=True)
+        )
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(500):
+            if engine.health()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.health()["running"] == 0 and engine.health()["waiting"] == 0
+        await engine.unload_adapter("lora0")
+        assert engine.loaded_adapters() == []
+        text, _ = await run(engine, PROMPTS[0], None, max_tokens=4)
+        assert text is not None
+        await engine.load_adapter(Adapter("lora0", models["lora0"]))
+        assert engine.base_loads == 1 and engine.adapter_loads == 2
+        await engine.shutdown()
+
+    asyncio.run(main())
