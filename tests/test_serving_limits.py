@@ -316,3 +316,34 @@ def test_router_that_is_not_fitted_is_a_clear_error(setup: tuple[Workspace, list
             base_name=None,
             settings=ServeSettings(router_name="nope"),
         )
+
+
+def test_request_log_observer_writes_one_json_line_per_request(setup: tuple[Workspace, list[str]]) -> None:
+    from clara_core.serving.requestlog import JsonlRequestLog
+
+    workspace, ids = setup
+    log_path = workspace.metadata_dir / "logs" / "requests.jsonl"
+    manager = PluginManager(load_entry_points=False)
+    manager.register(FakePlugin(), name="fake")
+    state = prepare(
+        workspace,
+        manager,
+        engine_name="holding",
+        base_name=None,
+        settings=ServeSettings(),
+        observers=[JsonlRequestLog(log_path)],
+    )
+    with BackgroundServer(state) as server:
+        assert (
+            httpx.post(server.url + "/generate", json={"prompt": "a", "adapter_id": ids[0]}).status_code
+            == 200
+        )
+        assert (
+            httpx.post(
+                server.url + "/generate", json={"prompt": "a", "adapter_id": "nicht-da-r1-v1"}
+            ).status_code
+            == 404
+        )
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(r["status"], r["adapter_id"]) for r in lines] == [(200, ids[0]), (404, None)]
+    assert lines[0]["completion_tokens"] == 2 and lines[0]["selection"] == "named" and lines[0]["request_id"]

@@ -56,6 +56,11 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     type=int,
     help="Largest request body in bytes; larger ones answer 413.",
 )
+@click.option(
+    "--log-requests",
+    is_flag=True,
+    help="Append one JSON line per request to metadata/logs/requests.jsonl.",
+)
 @click.option("--router", "router_name", metavar="NAME", help="Router for adapter_id/model 'auto'.")
 @click.option(
     "--option",
@@ -76,6 +81,7 @@ def serve(
     api_key: str | None,
     max_queue: int,
     max_body_bytes: int,
+    log_requests: bool,
     router_name: str | None,
     engine_options: tuple[str, ...],
 ) -> None:
@@ -86,6 +92,7 @@ def serve(
     /v1/completions and /v1/chat/completions, where 'model' is an adapter id or the base's name.
     """
     from ..serving.app import ServeSettings
+    from ..serving.requestlog import JsonlRequestLog
     from ..serving.runner import bind, prepare, run
 
     workspace = obj.workspace()
@@ -107,5 +114,8 @@ def serve(
         base_name=base_name,
         settings=settings,
         engine_options=_engine_options(engine_options),
+        observers=[JsonlRequestLog(workspace.metadata_dir / "logs" / "requests.jsonl")]
+        if log_requests
+        else [],
     )
     run(state, host, port, echo=lambda line: click.echo(line, err=True))

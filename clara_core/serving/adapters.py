@@ -136,7 +136,7 @@ class AdapterManager:
         if adapter_id is None:
             yield None
             return
-        if adapter_id in self.loaded and not self._lock.locked():
+        if adapter_id in self.loaded:  # no await before the count is taken: eviction cannot interleave
             record = self.loaded[adapter_id]
             self._touch(adapter_id)
             self.in_use[adapter_id] = self.in_use.get(adapter_id, 0) + 1
