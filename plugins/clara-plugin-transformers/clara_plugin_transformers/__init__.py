@@ -28,6 +28,7 @@ def register_engines(register: Any) -> None:
                 Option("device", str, "auto", "cpu, cuda, cuda:1, mps or auto (GPU when there is one)"),
                 Option("dtype", str, "auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)"),
                 Option("max_batch_size", int, 32, "requests decoded together at most"),
+                Option("threads", int, 0, "CPU threads for torch (0: torch's default, one per core)"),
             ),
         )
     )

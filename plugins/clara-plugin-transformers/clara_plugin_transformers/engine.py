@@ -78,6 +78,7 @@ class TransformersEngine(EngineImpl):
         self.device_name = str(extra.get("device") or "auto")
         self.dtype_name = str(extra.get("dtype") or "auto")
         self.max_batch_size = int(extra.get("max_batch_size") or 32)
+        self.threads = int(extra.get("threads") or 0)
         if self.max_batch_size < 1:
             raise InvalidInput(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         self.base_loads = 0
@@ -135,6 +136,8 @@ class TransformersEngine(EngineImpl):
             self.dtype = dtypes[self.dtype_name]
         else:
             raise InvalidInput(f"unknown dtype {self.dtype_name!r}; use float32, bfloat16, float16 or auto")
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
         path = Path(self.base.path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
@@ -283,6 +286,7 @@ class TransformersEngine(EngineImpl):
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_batch_size": self.max_batch_size,
+            "threads": self._torch_threads(),
             "base_loads": self.base_loads,
             "adapter_loads": self.adapter_loads,
             "running": running,
@@ -292,6 +296,12 @@ class TransformersEngine(EngineImpl):
             "peak_batch": self.peak_batch,
             "dora_adapters": sorted(k for k, v in self._dora.items() if v),
         }
+
+    @staticmethod
+    def _torch_threads() -> int:
+        import torch
+
+        return int(torch.get_num_threads())
 
     # -- the worker --------------------------------------------------------------------------------------------
 
