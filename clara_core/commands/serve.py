@@ -68,7 +68,8 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     "engine_options",
     multiple=True,
     metavar="NAME=VALUE",
-    help="Engine option (see 'clara plugins'), e.g. -o device=cuda -o max_batch_size=64.",
+    help="Engine option, e.g. -o device=cuda -o max_batch_size=64 (transformers: device, dtype, "
+    "max_batch_size, threads); an unknown name lists the engine's options.",
 )
 @click.pass_obj
 def serve(
