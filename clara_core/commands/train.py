@@ -37,9 +37,8 @@ class TrainCommand(click.Command):
         if getattr(ctx, "_clara_method_params", None) is None:
             ctx._clara_method_params = _method_params(ctx, {p.name for p in params})  # type: ignore[attr-defined]
         extra: list[click.Parameter] = ctx._clara_method_params  # type: ignore[attr-defined]
-        # keep --help last
-        help_option = [p for p in params if p.name == "help"]
-        return [p for p in params if p.name != "help"] + extra + help_option
+        help_option = self.get_help_option(ctx)  # keep --help last
+        return [p for p in params if p is not help_option] + extra + ([help_option] if help_option else [])
 
 
 def _method_params(ctx: click.Context, taken: set[str | None]) -> list[click.Parameter]:
