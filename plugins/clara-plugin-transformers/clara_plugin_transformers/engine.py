@@ -88,7 +88,11 @@ class TransformersEngine(EngineImpl):
         self.peft: Any = None
         self.device: Any = None
         self.dtype: Any = None
+        #: loaded adapters; True where the adapter needs its own group (DoRA and other non-plain LoRA)
         self._dora: dict[str, bool] = {}
+        self._hooked: dict[int, Any] = {}
+        self._plan: list[tuple[str, int, int]] | None = None
+        self._fast: bool | None = None
         self._active: str | None = None
         self._eos: set[int] = set()
         self._inbox: deque[_Sequence] = deque()
@@ -205,8 +209,64 @@ class TransformersEngine(EngineImpl):
         self.peft.to(self.device)
         self.peft.eval()
         self._active = None  # loading may change PEFT's active adapter
-        self._dora[adapter_id] = bool(config.get("use_dora"))
+        self._dora[adapter_id] = bool(config.get("use_dora")) or not self._plain_lora(adapter_id, config)
+        self._hook_lora_layers()
+        self._fast = None  # new layers start enabled
         self.adapter_loads += 1
+
+    def _lora_layers(self) -> list[Any]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
+
+    def _plain_lora(self, adapter_id: str, config: Mapping[str, Any]) -> bool:
+        """True where the adapter is plain LoRA on linear layers, which the fast path computes exactly as
+        PEFT does; anything else (DoRA and other variants, embedding or conv LoRA, modules_to_save) decodes in
+        its own group through PEFT itself."""
+        from peft.tuners.lora.layer import Linear
+
+        if config.get("modules_to_save"):
+            return False
+        for layer in self._lora_layers():
+            if adapter_id in getattr(layer, "lora_embedding_A", {}) or adapter_id in getattr(
+                layer, "lora_variant", {}
+            ):
+                return False
+            if adapter_id in layer.lora_A and type(layer) is not Linear:
+                return False
+        return True
+
+    def _hook_lora_layers(self) -> None:
+        """Add the slice-wise LoRA hook once to every LoRA linear layer (new layers appear as adapters load)."""
+        for layer in self._lora_layers():
+            if id(layer) not in self._hooked:
+                self._hooked[id(layer)] = layer.register_forward_hook(self._lora_hook)
+
+    def _lora_hook(self, module: Any, args: Any, output: Any) -> Any:
+        """Fast path: PEFT computed only the base layer (adapters disabled); add each slice's adapter delta.
+
+        Rows of a group are kept sorted by adapter, so each adapter's rows are one contiguous slice and its
+        delta is ``lora_B(lora_A(x[s:e])) * scaling``, the very computation PEFT does for that adapter alone.
+        """
+        plan = self._plan
+        if plan is None:
+            return None
+        x = args[0]
+        for name, start, end in plan:
+            if name not in module.lora_A:  # this adapter does not touch this layer
+                continue
+            lora_a = module.lora_A[name]
+            sub = x[start:end].to(lora_a.weight.dtype)
+            delta = module.lora_B[name](lora_a(sub)) * module.scaling[name]
+            output[start:end] += delta.to(output.dtype)
+        return output
+
+    def _set_fast_path(self, enabled: bool) -> None:
+        if self._fast == enabled:
+            return
+        for layer in self._lora_layers():
+            layer._disable_adapters = enabled  # fast path: PEFT computes the base layer only
+        self._fast = enabled
 
     async def unload_adapter(self, adapter_id: str) -> None:
         await self._call(lambda: self._unload_adapter(adapter_id))
@@ -219,6 +279,7 @@ class TransformersEngine(EngineImpl):
         self.peft.delete_adapter(adapter_id)
         del self._dora[adapter_id]
         self._active = None
+        self._fast = None  # delete_adapter may re-enable layers
 
     def loaded_adapters(self) -> list[str]:
         return list(self._dora)
@@ -408,24 +469,35 @@ class TransformersEngine(EngineImpl):
             self._guarded(rows, lambda k=key, r=rows: self._prefill(k, r))
 
     def _forward(self, key: str, names: list[str], **inputs: Any) -> Any:
-        """One forward pass for rows on ``names`` (adapter ids or ``__base__``)."""
+        """One forward pass for rows on ``names`` (adapter ids or ``__base__``, sorted so that equal names are
+        contiguous). Plain LoRA and base rows share the pass (the slice-wise hook); an adapter of its own
+        group goes through PEFT with that adapter active."""
         if self.peft is None:
             return self.model(**inputs)
-        unique = set(names)
-        if key != "mixed" or (len(unique) == 1 and BASE not in unique):
-            adapter = key if key != "mixed" else names[0]
-            if self._active != adapter:
-                self.peft.set_adapter(adapter)
-                self._active = adapter
+        if key != "mixed":
+            self._set_fast_path(False)
+            if self._active != key:
+                self.peft.set_adapter(key)
+                self._active = key
             return self.peft(**inputs)
-        if unique == {BASE} and not self._dora:
-            return self.model(**inputs)  # PEFT's layers hold no adapter: plain base computation
-        return self.peft(adapter_names=names, **inputs)
+        self._set_fast_path(True)
+        plan: list[tuple[str, int, int]] = []
+        for i, name in enumerate(names):
+            if plan and plan[-1][0] == name:
+                plan[-1] = (name, plan[-1][1], i + 1)
+            else:
+                plan.append((name, i, i + 1))
+        self._plan = [p for p in plan if p[0] != BASE]
+        try:
+            return self.model(**inputs)
+        finally:
+            self._plan = None
 
     def _prefill(self, key: str, rows: list[_Sequence]) -> None:
         import torch
         from transformers import DynamicCache
 
+        rows.sort(key=lambda r: r.adapter_name)  # contiguous slices per adapter (stable: arrival order kept)
         length = max(len(r.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -490,6 +562,13 @@ class TransformersEngine(EngineImpl):
         )
         target.positions = torch.cat([target.positions, new.positions], 0)
         target.rows = target.rows + new.rows
+        order = sorted(range(len(target.rows)), key=lambda i: target.rows[i].adapter_name)
+        if order != list(range(len(order))):  # keep each adapter's rows contiguous
+            index = torch.tensor(order, device=self.device)
+            target.rows = [target.rows[i] for i in order]
+            target.cache.batch_select_indices(index)
+            target.mask = target.mask[index]
+            target.positions = target.positions[index]
 
     def _decode(self, group: _Group) -> None:
         import torch
