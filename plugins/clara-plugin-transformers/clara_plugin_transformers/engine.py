@@ -262,10 +262,16 @@ class TransformersEngine(EngineImpl):
         return output
 
     def _set_fast_path(self, enabled: bool) -> None:
+        """On the fast path PEFT computes the base only: LoRA layers and ``modules_to_save`` copies (which
+        would otherwise follow PEFT's active adapter) are disabled; the hook adds the deltas."""
         if self._fast == enabled:
             return
-        for layer in self._lora_layers():
-            layer._disable_adapters = enabled  # fast path: PEFT computes the base layer only
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer | AuxiliaryTrainingWrapper):
+                module._disable_adapters = enabled
         self._fast = enabled
 
     async def unload_adapter(self, adapter_id: str) -> None:
@@ -355,7 +361,7 @@ class TransformersEngine(EngineImpl):
             "groups": len(self._groups),
             "decode_steps": self.steps,
             "peak_batch": self.peak_batch,
-            "dora_adapters": sorted(k for k, v in self._dora.items() if v),
+            "own_group_adapters": sorted(k for k, v in self._dora.items() if v),
         }
 
     @staticmethod

@@ -39,7 +39,26 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         made[f"lora{i}"] = random_lora_adapter(base, root / f"lora{i}", seed=10 + i)
     made["dora"] = random_lora_adapter(base, root / "dora", seed=20, use_dora=True)
     made["attn_only"] = random_lora_adapter(base, root / "attn", seed=30, target_modules=["q_proj", "v_proj"])
+    made["with_head"] = adapter_with_modules_to_save(base, root / "head")
     return made
+
+
+def adapter_with_modules_to_save(base: Path, out: Path) -> Path:
+    """A LoRA adapter that also trains a full copy of lm_head (PEFT modules_to_save)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(40)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 def make_engine(models: dict[str, Path], **extra: Any) -> Any:
@@ -55,7 +74,7 @@ async def run(engine: Any, prompt: str, adapter: str | None, **kwargs: Any) -> t
     return text, last
 
 
-ADAPTERS = ["lora0", "lora1", "lora2", "dora", "attn_only"]
+ADAPTERS = ["lora0", "lora1", "lora2", "dora", "attn_only", "with_head"]
 
 
 def test_registered_lazily_without_heavy_imports() -> None:
@@ -81,13 +100,15 @@ def test_mixed_batches_match_each_adapter_alone_and_never_reload_the_base(models
         choices: list[str | None] = [*ADAPTERS, None]
         alone = {(a, p): (await run(engine, p, a, max_tokens=10))[0] for a in choices for p in PROMPTS}
         assert len({alone[(a, PROMPTS[0])] for a in choices}) == len(choices)  # all differ
-        jobs = [(choices[i % len(choices)], PROMPTS[i % len(PROMPTS)]) for i in range(36)]
+        jobs = [(choices[i % len(choices)], PROMPTS[i % len(PROMPTS)]) for i in range(42)]
         results = await asyncio.gather(*(run(engine, p, a, max_tokens=10) for a, p in jobs))
         for (adapter, prompt), (text, last) in zip(jobs, results, strict=True):
             assert text == alone[(adapter, prompt)], (adapter, prompt)
             assert last.finish_reason == "length" and last.completion_tokens == 10
         assert engine.peak_batch > 8
         assert engine.base_loads == 1
+        own_groups = engine.health()["own_group_adapters"]
+        assert own_groups == ["dora", "with_head"]
         await engine.shutdown()
 
     asyncio.run(main())
