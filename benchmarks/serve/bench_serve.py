@@ -193,7 +193,8 @@ def baseline(
 
 
 def reload_time(base_dir: Path, adapter_dir: Path, device: str, repeats: int) -> float:
-    """What switching costs where the model must be reloaded with the other adapter."""
+    """What switching costs where the model must be reloaded with the other adapter (up to its first
+    forward pass, since safetensors are memory-mapped and read lazily)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -205,6 +206,8 @@ def reload_time(base_dir: Path, adapter_dir: Path, device: str, repeats: int) ->
             base_dir, dtype=torch.float32 if device == "cpu" else torch.bfloat16
         )
         model = PeftModel.from_pretrained(model.to(device), str(adapter_dir)).eval()
+        with torch.no_grad():  # weights are memory-mapped: the first forward is part of the reload
+            model(input_ids=torch.tensor([[1, 2, 3]], device=device))
         if device != "cpu":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
