@@ -292,6 +292,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of (a) and (c); the best counts")
+    parser.add_argument("--baseline-repeats", type=int, default=2, help="runs of (b); the best counts")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads for every side (0: torch's default)"
     )
@@ -341,11 +343,14 @@ def main() -> None:
                     url + "/load_adapter", json={"adapter_id": adapter}, timeout=120
                 ).raise_for_status()
             asyncio.run(fire(url, mixed_jobs[:8], 4))  # warm-up
-            a_time, a_tokens, a_texts = asyncio.run(fire(url, mixed_jobs, out_tokens))
-            c_time, c_tokens, _ = asyncio.run(fire(url, single_jobs, out_tokens))
-            a_time2, _, _ = asyncio.run(fire(url, mixed_jobs, out_tokens))
-            c_time2, _, _ = asyncio.run(fire(url, single_jobs, out_tokens))
-            a_time, c_time = min(a_time, a_time2), min(c_time, c_time2)
+            # (a) and (c) interleaved, best of `repeats` each, so that a noisy neighbour hurts both alike
+            a_times, c_times = [], []
+            for _ in range(args.repeats):
+                a_time, a_tokens, a_texts = asyncio.run(fire(url, mixed_jobs, out_tokens))
+                c_time, c_tokens, _ = asyncio.run(fire(url, single_jobs, out_tokens))
+                a_times.append(a_time)
+                c_times.append(c_time)
+            a_time, c_time = min(a_times), min(c_times)
             # hot load of a fifth adapter into the running server
             started = time.perf_counter()
             loaded = httpx.post(url + "/load_adapter", json={"adapter_id": ids[ADAPTERS]}, timeout=120).json()
@@ -369,9 +374,11 @@ def main() -> None:
             proc.wait(30)
 
         b_jobs = [(i % ADAPTERS, prompt) for i in range(REQUESTS)]
-        b_time, b_tokens, b_texts = baseline(
-            base_dir, adapter_dirs[:ADAPTERS], b_jobs, out_tokens, args.device
-        )
+        b_runs = [
+            baseline(base_dir, adapter_dirs[:ADAPTERS], b_jobs, out_tokens, args.device)
+            for _ in range(args.baseline_repeats)
+        ]
+        b_time, b_tokens, b_texts = min(b_runs, key=lambda run: run[0])
         reload = reload_time(base_dir, adapter_dirs[1], args.device, 3)
         same_answers = sum(x == y for x, y in zip(a_texts, b_texts, strict=True))
         large_size = (
@@ -397,6 +404,7 @@ def main() -> None:
         "requests": REQUESTS,
         "prompt_tokens": prompt_tokens,
         "output_tokens": out_tokens,
+        "repeats": {"a_and_c": args.repeats, "b": args.baseline_repeats},
         "a_mixed_tokens_per_s": a_tokens / a_time,
         "b_one_at_a_time_tokens_per_s": b_tokens / b_time,
         "c_single_adapter_tokens_per_s": c_tokens / c_time,
