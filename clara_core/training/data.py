@@ -369,7 +369,9 @@ def _tensor(values: Any) -> Any:
     import torch
 
     if isinstance(values, array):
-        return torch.frombuffer(values, dtype=torch.int32) if len(values) else torch.zeros(0, dtype=torch.int32)
+        return (
+            torch.frombuffer(values, dtype=torch.int32) if len(values) else torch.zeros(0, dtype=torch.int32)
+        )
     return torch.tensor(list(values), dtype=torch.int32)
 
 
