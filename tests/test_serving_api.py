@@ -122,7 +122,10 @@ def engine_details(client: httpx.Client) -> dict:
 
 
 def assert_still_serving(client: httpx.Client) -> None:
-    assert generate(client, PROMPTS[0], LORAS[0], max_tokens=2)["usage"]["completion_tokens"] == 2
+    assert (
+        generate(client, PROMPTS[0], LORAS[0], max_tokens=2, ignore_eos=True)["usage"]["completion_tokens"]
+        == 2
+    )
 
 
 # -- tests -----------------------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ def test_openai_client_completions_chat_and_streaming(server: Any, client: httpx
     completion = oc.completions.create(model=LORAS[3], prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert completion.model == LORAS[3]
     assert completion.choices[0].text == generate(client, PROMPTS[2], LORAS[3], max_tokens=8)["text"]
-    assert completion.usage is not None and completion.usage.completion_tokens == 8
+    assert completion.usage is not None and 1 <= completion.usage.completion_tokens <= 8
     streamed = "".join(
         c.choices[0].text
         for c in oc.completions.create(
@@ -411,7 +414,7 @@ def test_metrics_count_requests_tokens_latency_and_loads(client: httpx.Client) -
     requests = metric(client, "clara_requests_total", endpoint="/generate", adapter=LORAS[0], status="200")
     tokens = metric(client, "clara_tokens_total", adapter=LORAS[0], kind="completion")
     latency = metric(client, "clara_request_latency_seconds_count", adapter=LORAS[0])
-    generate(client, PROMPTS[3], LORAS[0], max_tokens=5)
+    generate(client, PROMPTS[3], LORAS[0], max_tokens=5, ignore_eos=True)
     assert (
         metric(client, "clara_requests_total", endpoint="/generate", adapter=LORAS[0], status="200")
         == requests + 1
