@@ -249,15 +249,27 @@ def test_output_folder_exists(workspace: Workspace, leo_base: Path, data_dir: Pa
     assert (taken / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("/metadata/tmp/train-", "disk full while saving the adapter"),  # the final save, after training
+        ("/metadata/runs/", "disk full while writing a checkpoint"),  # a checkpoint during training
+    ],
+)
 def test_disk_full_while_saving_registers_nothing(
-    workspace: Workspace, leo_base: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Workspace,
+    leo_base: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    expected: str,
 ) -> None:
     import peft.peft_model
 
     real_save = peft.peft_model.safe_save_file
 
     def full_disk(tensors, filename, *args, **kwargs):
-        if "/metadata/tmp/train-" in str(filename):  # the final save, after training
+        if where in str(filename):
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))
         return real_save(tensors, filename, *args, **kwargs)
 
@@ -266,6 +278,6 @@ def test_disk_full_while_saving_registers_nothing(
         workspace, "--base", str(leo_base), "--domain", "steuerrecht",
         "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "4", *FAST,
     )  # fmt: skip
-    assert "disk full while saving the adapter" in line
-    assert "nothing was registered" in line
+    assert expected in line
+    assert "--resume" in line
     assert not list(workspace.tmp_dir.glob("train-*"))

@@ -7,6 +7,7 @@ launch`` (DDP): the Trainer shards the data, and only the main process saves che
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -60,9 +61,20 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
             step = int(child.name[len(CHECKPOINT_PREFIX) :])
         except ValueError:
             continue
-        if all((child / name).is_file() for name in _CHECKPOINT_FILES):
+        # The Trainer writes trainer_state.json last: when it is there and parses, the rest was written before.
+        if all((child / name).is_file() for name in _CHECKPOINT_FILES) and _readable_json(
+            child / "trainer_state.json"
+        ):
             found.append((step, child))
     return sorted(found)
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _make_callbacks(
@@ -121,6 +133,10 @@ def _make_callbacks(
                     echo(message)
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.close()
+
+        def close(self) -> None:
+            """End the bar's line, also when training fails, so that the error starts a line of its own."""
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -233,7 +249,10 @@ def run_trainer(
         resumed_step = None
         if resume_from is not None:
             resumed_step = int(resume_from.name[len(CHECKPOINT_PREFIX) :])
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            progress.close()
         if interrupted():
             raise TrainingInterrupted(
                 f"interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; nothing was "
