@@ -149,7 +149,14 @@ def demo_texts() -> list[str]:
 
 def build_demo_base(out_dir: Path) -> Path:
     """Write the demo base (config, safetensors weights, tokenizer with chat template) to ``out_dir``."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
     from .tinymodels import build_llama
+
+    hf_logging.disable_progress_bar()  # one tiny shard: a progress bar is noise here
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel; changes no result
 
     return build_llama(out_dir, texts=demo_texts(), **DEMO_MODEL)
 
