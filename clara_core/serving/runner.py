@@ -154,7 +154,16 @@ async def serve(
     server = uvicorn.Server(config)
     if server_box is not None:
         server_box.append(server)
-    await state.engine.start()
+    try:
+        await state.engine.start()
+    except ClaraError:
+        raise
+    except Exception as exc:  # a broken model folder, out of memory, ...: one line, not a traceback
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ClaraError(
+            f"engine '{state.settings.engine_name}' could not load base '{state.base.name}' "
+            f"({state.base.path}): {type(exc).__name__}: {detail}"
+        ) from exc
     try:
         for adapter_id in state.settings.preload:
             await state.adapters.load(adapter_id)
