@@ -428,3 +428,17 @@ def test_metrics_count_requests_tokens_latency_and_loads(client: httpx.Client) -
         "clara_in_flight_requests",
     ):
         assert re.search(rf"^{name}", text, re.M), name
+
+
+def test_serve_and_query_runs_a_real_clara_serve_process(
+    client: httpx.Client, workspace_with_adapters: Workspace
+) -> None:
+    from clara_core.serving.demo import serve_and_query
+
+    queries = [(PROMPTS[0], LORAS[2]), (PROMPTS[1], None), (PROMPTS[2], DORA)]
+    answers = serve_and_query(
+        workspace_with_adapters.root, queries, base="tiny", max_tokens=6, echo=lambda line: None
+    )
+    for (prompt, adapter), answer in zip(queries, answers, strict=True):
+        assert answer["adapter_id"] == adapter
+        assert answer["text"] == generate(client, prompt, adapter or "tiny", max_tokens=6)["text"]

@@ -96,6 +96,9 @@ def serve(
     from ..serving.requestlog import JsonlRequestLog
     from ..serving.runner import bind, prepare, run
 
+    # CPU inference threads that spin while another process holds the cores slow a shared machine down many
+    # times over; sleeping waits cost little (set OMP_WAIT_POLICY yourself to override)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     workspace = obj.workspace()
     settings = ServeSettings(
         max_loaded=max_loaded,

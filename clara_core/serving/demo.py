@@ -34,12 +34,16 @@ def serve_and_query(
     base: str | None = None,
     max_tokens: int = 32,
     max_loaded: int = 4,
+    chat: bool = False,
+    engine_options: Sequence[str] = (),
     startup_timeout: float = 300.0,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Serve ``workspace``, send each ``(prompt, adapter_id)`` to ``/generate`` (``None``: the base), in one
-    concurrent burst so the engine batches them, and return the answers (``text``, ``adapter_id``, ``usage``,
-    ``seconds``) in the order of ``queries``. Adapters are hot-swapped in on first use."""
+    """Serve ``workspace``, send each ``(prompt, adapter_id)`` (``None``: the base) in one concurrent burst so
+    the engine batches them, and return the answers (``prompt``, ``text``, ``adapter_id``, ``usage``,
+    ``seconds``) in the order of ``queries``. Adapters are hot-swapped in on first use. With ``chat`` the
+    prompt is a user message through the base's chat template (``/v1/chat/completions``, greedy), else a raw
+    prompt (``/generate``, greedy). ``engine_options`` are ``NAME=VALUE`` strings (``clara serve -o``)."""
     import httpx
 
     out = echo or (lambda line: print(line, file=sys.stderr))
@@ -51,6 +55,8 @@ def serve_and_query(
     command += ["serve", "--port", str(port), "--max-loaded", str(max_loaded)]
     if base:
         command += ["--base", base]
+    for option in engine_options:
+        command += ["-o", option]
     env = {k: v for k, v in os.environ.items() if k != "CLARA_API_KEY"}
     out(f"Starting {' '.join(command[2:])} ...")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -71,7 +77,7 @@ def serve_and_query(
                 raise ClaraError(f"clara serve did not answer on {url} within {startup_timeout:.0f} s")
             time.sleep(0.2)
         out(f"Server up on {url}; sending {len(queries)} request(s) ...")
-        return _query_all(url, queries, max_tokens)
+        return _query_all(url, queries, max_tokens, chat)
     finally:
         proc.terminate()
         try:
@@ -81,26 +87,47 @@ def serve_and_query(
             proc.wait(10)
 
 
-def _query_all(url: str, queries: Sequence[tuple[str, str | None]], max_tokens: int) -> list[dict[str, Any]]:
+def _query_all(
+    url: str, queries: Sequence[tuple[str, str | None]], max_tokens: int, chat: bool
+) -> list[dict[str, Any]]:
     import asyncio
 
     import httpx
 
     async def run() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            base_name = (await client.get("/health")).json()["base"]["name"]
 
             async def one(prompt: str, adapter_id: str | None) -> dict[str, Any]:
-                body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens}
-                if adapter_id is not None:
-                    body["adapter_id"] = adapter_id
                 started = time.perf_counter()
-                response = await client.post("/generate", json=body)
+                if chat:
+                    response = await client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": adapter_id or base_name,
+                            "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": max_tokens,
+                            "temperature": 0,
+                        },
+                    )
+                else:
+                    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens}
+                    if adapter_id is not None:
+                        body["adapter_id"] = adapter_id
+                    response = await client.post("/generate", json=body)
                 if response.status_code != 200:
                     message = response.json().get("error", {}).get("message", response.text)
                     raise ClaraError(
                         f"query for adapter {adapter_id or 'base'} failed ({response.status_code}): {message}"
                     )
                 answer = response.json()
+                if chat:
+                    answer = {
+                        "text": answer["choices"][0]["message"]["content"],
+                        "adapter_id": answer["clara"]["adapter_id"],
+                        "finish_reason": answer["choices"][0]["finish_reason"],
+                        "usage": answer["usage"],
+                    }
                 answer["seconds"] = round(time.perf_counter() - started, 3)
                 answer["prompt"] = prompt
                 return dict(answer)
