@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from clara_core import hookimpl
+from clara_core.errors import InvalidInput
 from clara_core.plugins import PluginManager
 from clara_core.registry import AdapterDraft, Registry
 from clara_core.serving.app import ServeSettings
@@ -64,6 +65,8 @@ class HoldingEngine(EngineImpl):
         finished = False
         try:
             text = f"{request.adapter_id or 'base'}:{request.prompt}"
+            if request.prompt == "fail":
+                raise InvalidInput("this engine refuses the prompt 'fail'")
             if request.prompt.startswith(HOLD):
                 yield GenerationChunk(text=text, prompt_tokens=1, completion_tokens=1)
                 await self.release.wait()
@@ -344,6 +347,10 @@ def test_request_log_observer_writes_one_json_line_per_request(setup: tuple[Work
             ).status_code
             == 404
         )
+        failed = httpx.post(server.url + "/generate", json={"prompt": "fail", "adapter_id": ids[1]})
+        assert failed.status_code == 422 and "refuses" in failed.json()["error"]["message"]
+        metrics = httpx.get(server.url + "/metrics").text
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert [(r["status"], r["adapter_id"]) for r in lines] == [(200, ids[0]), (404, None)]
+    assert [(r["status"], r["adapter_id"]) for r in lines] == [(200, ids[0]), (404, None), (422, ids[1])]
+    assert f'clara_requests_total{{adapter="{ids[1]}",endpoint="/generate",status="422"}} 1.0' in metrics
     assert lines[0]["completion_tokens"] == 2 and lines[0]["selection"] == "named" and lines[0]["request_id"]

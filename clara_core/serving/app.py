@@ -132,6 +132,7 @@ class Generation:
                 yield chunk
         except ClaraError as exc:
             status, code = exc.http_status, exc.code
+            exc._clara_observed = True  # type: ignore[attr-defined]  # recorded below, not again by the handler
             raise
         except BaseException:  # client gone (cancelled) or engine failure
             status, code = 499, "client_closed"
@@ -384,6 +385,8 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
 
     @app.exception_handler(ClaraError)
     async def clara_error(request: Request, exc: ClaraError) -> JSONResponse:
+        if getattr(exc, "_clara_observed", False):
+            return _json_response(exc.http_status, exc.code, exc.message)
         return failed(request, exc.http_status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
