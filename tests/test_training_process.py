@@ -72,7 +72,7 @@ def _start_and_wait_for_checkpoint(command: list[str]) -> subprocess.Popen:
 def test_killed_process_leaves_nothing_and_resume_completes(
     workspace: Workspace, tiny_base_dir: Path, dataset: Path
 ) -> None:
-    args = _train_args(tiny_base_dir, dataset, "--max-steps", "150", "--save-steps", "2")
+    args = _train_args(tiny_base_dir, dataset, "--max-steps", "60", "--save-steps", "2")
     proc = _start_and_wait_for_checkpoint(_clara(workspace, *args))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -100,7 +100,7 @@ def test_killed_process_leaves_nothing_and_resume_completes(
 def test_ctrl_c_stops_cleanly_and_keeps_the_checkpoint(
     workspace: Workspace, tiny_base_dir: Path, dataset: Path
 ) -> None:
-    args = _train_args(tiny_base_dir, dataset, "--max-steps", "150", "--save-steps", "2")
+    args = _train_args(tiny_base_dir, dataset, "--max-steps", "60", "--save-steps", "2")
     proc = _start_and_wait_for_checkpoint(_clara(workspace, *args))
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
