@@ -37,6 +37,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Keys of adapter_config.json that say where or when the adapter was made, not what it computes.
 _VOLATILE_ADAPTER_KEYS = frozenset({"base_model_name_or_path", "revision", "inference_mode"})
+#: Keys whose list values are sets: their order carries no meaning.
+_SET_VALUED_ADAPTER_KEYS = ("target_modules", "modules_to_save")
 
 
 class HashCache(Protocol):
@@ -153,6 +155,9 @@ def read_adapter_config(path: Path) -> dict:
 def adapter_checksum(path: Path) -> str:
     config = read_adapter_config(path)
     stable = {k: v for k, v in config.items() if k not in _VOLATILE_ADAPTER_KEYS}
+    for key in _SET_VALUED_ADAPTER_KEYS:  # PEFT writes these sets in an order that varies between processes
+        if isinstance(stable.get(key), list):
+            stable[key] = sorted(stable[key], key=str)
     canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return combine(
         [

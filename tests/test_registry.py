@@ -293,6 +293,10 @@ def test_verify_reports_every_mismatch(run_cli, workspace_with_base, fake_adapte
     config["base_model_name_or_path"] = "/somewhere/else"
     steuer.write_text(json.dumps(config))
     assert run_cli("adapters", "verify", "steuerrecht-lora-r4-v1").exit_code == 0
+    # Nor is the order of target_modules, a set that PEFT writes in varying order.
+    config["target_modules"] = list(reversed(config["target_modules"]))
+    steuer.write_text(json.dumps(config))
+    assert run_cli("adapters", "verify", "steuerrecht-lora-r4-v1").exit_code == 0
 
 
 def test_verify_detects_a_changed_base(run_cli, workspace, tiny_base_dir, fake_adapter, tmp_path):

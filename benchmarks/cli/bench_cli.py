@@ -40,9 +40,14 @@ def fill_registry(workspace: Workspace, count: int) -> None:
             version = versions[(domain, method, rank)] = versions.get((domain, method, rank), 0) + 1
             rows.append(
                 Registry._adapter_row(
-                    draft, f"{domain}-{method}-r{rank}-v{version}", [domain], domain_key([domain]), method, version,
+                    draft,
+                    f"{domain}-{method}-r{rank}-v{version}",
+                    [domain],
+                    domain_key([domain]),
+                    method,
+                    version,
                     f"models/adapters/{domain}/{method}-r{rank}-v{version}",
-                )  # fmt: skip
+                )
             )
         registry.db.conn.execute("BEGIN IMMEDIATE")
         registry.db.table("adapters").insert_all(rows, batch_size=1000)
@@ -61,7 +66,9 @@ def timed(cmd: list[str], repeat: int, env: dict[str, str]) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--adapters", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -73,7 +80,10 @@ def main() -> None:
         cases = [
             ('python -c "import torch"', [sys.executable, "-c", "import torch"]),
             ("clara --help", [clara, "--help"]),
-            (f"clara adapters list ({args.adapters:,} adapters)", [clara, "-w", str(workspace.root), "adapters", "list"]),
+            (
+                f"clara adapters list ({args.adapters:,} adapters)",
+                [clara, "-w", str(workspace.root), "adapters", "list"],
+            ),
             (
                 f"clara adapters list --json ({args.adapters:,} adapters)",
                 [clara, "-w", str(workspace.root), "adapters", "list", "--json"],
