@@ -214,6 +214,7 @@ class Quickstart:
     datasets: dict[str, tuple[Path, Path]] = attrs.field(factory=dict)
     adapters: dict[str, AdapterRecord] = attrs.field(factory=dict)
     answers: dict[str, dict[str, str]] = attrs.field(factory=dict)
+    served: list[dict[str, Any]] = attrs.field(factory=list)
 
 
 def step_workspace(root: Path, echo: Callable[[str], None]) -> Quickstart:
@@ -360,6 +361,37 @@ def step_compare(state: Quickstart, echo: Callable[[str], None]) -> None:
             )
 
 
+def step_serve(state: Quickstart, echo: Callable[[str], None], *, engine: str | None = None) -> None:
+    """Serve the base once with both adapters hot-swapped in on first use, and ask each domain's question."""
+    from .serving.demo import serve_and_query
+
+    questions = demo_questions()
+    queries = [
+        (questions[domain], record.id) for domain, record in state.adapters.items() if domain in questions
+    ]
+    if not queries:
+        return
+    echo("")
+    echo("6. Serving: one base, the adapters hot-swapped in on first request, the requests batched together:")
+    served = serve_and_query(
+        state.workspace.root,
+        queries,
+        engine=engine,
+        max_tokens=40,
+        chat=True,
+        echo=lambda line: echo("   " + line),
+    )
+    state.served = served
+    for domain, record in state.adapters.items():
+        answer = next(a for a in served if a["adapter_id"] == record.id)
+        text = " ".join(str(answer["text"]).split())
+        same = state.answers.get(domain, {}).get(record.id)
+        note = "same as in step 5" if same == text else "differs from step 5"
+        echo(
+            f"   [{domain}] {record.id} answered in {answer['seconds']:.1f} s ({note}): {text or '(nothing)'}"
+        )
+
+
 def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     root = state.workspace.root
     try:
@@ -376,6 +408,11 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
         f"  clara -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
         "--dataset YOUR.jsonl   # your own data"
     )
+    echo(f"  clara -w {shown} serve --port 8000                   # the HTTP API with hot-swap; then:")
+    echo(
+        "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Wer setzt die Einkommensteuer fest?"}}]}}'"""
+    )
 
 
 def run_quickstart(
@@ -386,6 +423,8 @@ def run_quickstart(
     steps: int = 300,
     echo: Callable[[str], None] = print,
     progress: bool = False,
+    serve: bool = True,
+    engine: str | None = None,
 ) -> Quickstart:
     """The quickstart's steps in order; each later issue adds its own step at the end."""
     plugins.trainer_method(method)  # an uninstalled method fails before anything is built
@@ -394,5 +433,7 @@ def run_quickstart(
     step_datasets(state, echo)
     step_train(state, plugins, echo, method=method, steps=steps, progress=progress)
     step_compare(state, echo)
+    if serve:
+        step_serve(state, echo, engine=engine)
     step_next(state, echo)
     return state

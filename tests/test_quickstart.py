@@ -49,12 +49,24 @@ def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -
         own = f"{domain}-lora-r16-v1"
         assert len(_words(answers[own]) & expected) > len(_words(answers["base"]) & expected)
         assert len(_words(answers[own]) & expected) >= len(expected) // 3
+    # Then the same questions over HTTP: one served base, each adapter hot-swapped in on its first request.
+    served = out.split("6. Serving", 1)[1].split("What to run next", 1)[0]
+    for domain in demo.demo_questions():
+        own = f"{domain}-lora-r16-v1"
+        line = next(x for x in served.splitlines() if x.strip().startswith(f"[{domain}] {own} answered"))
+        text = line.split("): ", 1)[1]
+        assert (
+            len(_words(text) & _words(demo.demo_answer(domain))) >= len(_words(demo.demo_answer(domain))) // 3
+        )
     assert "What to run next" in out
+    assert "serve --port 8000" in out
     assert "adapters verify --rebuild" in out
 
     # Running it again reuses the base and adds new versions, never overwriting.
     again = CliRunner().invoke(
-        cli, ["quickstart", "--dir", str(root), "--steps", "2"], obj=ClaraContext(plugins=PluginManager())
+        cli,
+        ["quickstart", "--dir", str(root), "--steps", "2", "--no-serve"],
+        obj=ClaraContext(plugins=PluginManager()),
     )
     assert again.exit_code == 0, again.output
     assert "Demo base 'demo-llama' is already registered" in again.output

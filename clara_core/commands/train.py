@@ -251,12 +251,19 @@ def create_demo(directory: Path) -> None:
 )
 @click.option("--method", default="lora", show_default=True, help="Trainer method for the demo adapters.")
 @click.option("--steps", type=int, default=300, show_default=True, help="Training steps per adapter.")
+@click.option(
+    "--serve/--no-serve",
+    default=True,
+    show_default=True,
+    help="End by starting 'clara serve' (engine from --engine) and asking it each domain's question.",
+)
 @click.pass_context
-def quickstart(ctx: click.Context, directory: Path | None, method: str, steps: int) -> None:
+def quickstart(ctx: click.Context, directory: Path | None, method: str, steps: int, serve: bool) -> None:
     """The main job on the embedded default: demo base, two domain adapters, and their answers side by side.
 
     Builds the demo base offline, writes example datasets for steuerrecht and sozialrecht, trains and
-    registers an adapter for each, then asks each domain's question to the base and to every adapter.
+    registers an adapter for each, asks each domain's question to the base and to every adapter, then
+    serves the base with both adapters hot-swapped in behind the HTTP API and asks the server the same.
     """
     from ..demo import run_quickstart
 
@@ -271,4 +278,6 @@ def quickstart(ctx: click.Context, directory: Path | None, method: str, steps: i
         steps=steps,
         echo=lambda line: click.echo(line),
         progress=sys.stderr.isatty(),
+        serve=serve,
+        engine=getattr(obj, "engine_name", None),
     )

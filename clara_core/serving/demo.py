@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,33 +59,36 @@ def serve_and_query(
     for option in engine_options:
         command += ["-o", option]
     env = {k: v for k, v in os.environ.items() if k != "CLARA_API_KEY"}
-    out(f"Starting {' '.join(command[2:])} ...")
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                error = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
-                raise ClaraError(
-                    f"clara serve did not start: {error[-1] if error else 'exit ' + str(proc.returncode)}"
-                )
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ClaraError(f"clara serve did not answer on {url} within {startup_timeout:.0f} s")
-            time.sleep(0.2)
-        out(f"Server up on {url}; sending {len(queries)} request(s) ...")
-        return _query_all(url, queries, max_tokens, chat)
-    finally:
-        proc.terminate()
+    out(f"Starting clara {' '.join(command[3:])} ...")
+    # The server's log goes to a file, not a pipe nobody reads while it runs (a full pipe would stall it).
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    error = log.read().strip().splitlines()
+                    raise ClaraError(
+                        f"clara serve did not start: {error[-1] if error else 'exit ' + str(proc.returncode)}"
+                    )
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClaraError(f"clara serve did not answer on {url} within {startup_timeout:.0f} s")
+                time.sleep(0.2)
+            out(f"Server up on {url}; sending {len(queries)} request(s) ...")
+            return _query_all(url, queries, max_tokens, chat)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def _query_all(

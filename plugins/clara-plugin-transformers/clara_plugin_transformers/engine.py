@@ -3,8 +3,10 @@
 A single worker thread owns the model. Requests arrive through an inbox and join the running batch at the
 next decoding step (continuous batching): they are prefilled together, and their KV caches are merged into
 the running batch's cache (left-padded to one length, masked). One forward pass serves rows on different LoRA
-adapters through PEFT's ``adapter_names``, so adapters share the base's computation. DoRA adapters, which PEFT
-cannot mix in a batch, each get their own group, decoded in turn with the mixed group. Adapter loads and
+adapters, so adapters share the base's computation: rows are kept sorted by adapter and a forward hook on each
+LoRA layer adds every adapter's delta to its contiguous slice of rows. That is the computation of PEFT's
+``adapter_names`` mixed batches, without PEFT setting up and removing its per-call hooks at every decoding step.
+DoRA adapters, which PEFT cannot mix in a batch, each get their own group, decoded in turn with the mixed group. Adapter loads and
 unloads run on the same worker between steps, so the model never changes under a running forward pass.
 """
 
