@@ -319,13 +319,16 @@ class EngineOptions:
     ``max_loaded``: adapters the server keeps loaded at once (it evicts the least recently used idle one
     before loading another, so an engine never sees more); ``max_queue``: requests the server admits at once.
     ``extra`` holds the values of the options declared on the :class:`Engine` registration (``clara serve
-    -o name=value``), already converted to their declared types, defaults filled in.
+    -o name=value``), already converted to their declared types, defaults filled in. ``registry_path`` is the
+    served workspace's registry, for engines that size themselves from what is registered (vLLM's
+    ``max_lora_rank`` from the adapters' ranks); engines only read it.
     """
 
     max_loaded: int = 8
     max_queue: int = 64
     #: Engine-specific options declared on the registration (``max_lora_rank`` for vLLM, ...).
     extra: dict[str, Any] = attrs.field(factory=dict)
+    registry_path: Path | None = None
 
 
 class EngineImpl(abc.ABC):

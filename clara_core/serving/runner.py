@@ -113,7 +113,13 @@ def prepare(
             check_adapter_for_base(registry.get_adapter(adapter_id), base)
     router = load_router(plugins, settings.router_name, workspace) if settings.router_name else None
     engine = registration.create(
-        base, EngineOptions(max_loaded=settings.max_loaded, max_queue=settings.max_queue, extra=extra)
+        base,
+        EngineOptions(
+            max_loaded=settings.max_loaded,
+            max_queue=settings.max_queue,
+            extra=extra,
+            registry_path=workspace.registry_path,
+        ),
     )
     lookup, list_all = _registry_lookup(workspace.registry_path)
     return ServerState(engine, base, lookup, list_all, settings, router=router, observers=observers)

@@ -94,3 +94,17 @@ def test_the_engine_tokenises_and_renders_chat_with_the_base_tokenizer(populated
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n")
     assert engine.count_tokens("Das Finanzamt setzt die Steuer fest.") > 0
     assert engine.health()["running"] is False
+
+
+def test_the_engine_uses_the_registry_clara_serve_hands_over(populated, tiny_base_dir, monkeypatch, tmp_path):
+    """A base registered where it lies, outside the workspace: the server's registry_path is what finds the
+    adapters (no CLARA_HOME, no workspace around the base or the current folder)."""
+    import attrs
+
+    monkeypatch.delenv("CLARA_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    outside = attrs.evolve(populated["base"], path=tiny_base_dir)
+    assert registry_adapters(outside, EngineOptions()) == []
+    handed = EngineOptions(registry_path=populated["workspace"].registry_path)
+    assert max(a.rank for a in registry_adapters(outside, handed)) == 32
+    assert VllmEngine(outside, handed).limits.max_lora_rank == 32
