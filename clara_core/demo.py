@@ -411,7 +411,7 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(f"  clara -w {shown} serve --port 8000                   # the HTTP API with hot-swap; then:")
     echo(
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
-        f"""-d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Wer setzt die Einkommensteuer fest?"}}]}}'"""
+        f"""-d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Wer setzt die Einkommensteuer fest?"}}], "temperature": 0, "max_tokens": 40}}'"""
     )
 
 

@@ -290,7 +290,7 @@ class Registry:
                 f"{self.path} is an SQLite database but not a clara registry (tables: "
                 f"{', '.join(sorted(other_tables)[:5])}); move it aside and run 'clara init' again"
             )
-        with self._write():
+        with self.transaction():
             # Pending is re-read under the write lock: another process may have migrated meanwhile.
             migrations.apply(self.db)
 
@@ -304,8 +304,11 @@ class Registry:
         self.close()
 
     @contextmanager
-    def _write(self) -> Iterator[None]:
-        """One write transaction holding the write lock from its start (no lost updates between processes)."""
+    def transaction(self) -> Iterator[None]:
+        """One write transaction holding the write lock from its start (no lost updates between processes).
+
+        Registry methods called inside it join it, so several changes (a new base and its first adapter)
+        commit together or not at all."""
         conn = self.db.conn
         if conn.in_transaction:
             yield
@@ -350,7 +353,7 @@ class Registry:
         return row[0] if row else None
 
     def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
-        with self._write():
+        with self.transaction():
             self.db.table("file_hashes").upsert(
                 {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
             )
@@ -377,7 +380,7 @@ class Registry:
             "size_bytes": hashing.folder_size(path),
             "created": utcnow(),
         }
-        with self._write():
+        with self.transaction():
             existing = self.db.execute(
                 "SELECT name FROM bases WHERE base_model_hash = ?", [base_hash]
             ).fetchone()
@@ -479,7 +482,7 @@ class Registry:
                 shutil.rmtree(staged)
             shutil.copytree(source, staged)
         try:
-            with self._write():
+            with self.transaction():
                 version = requested_version or self._next_version(key, method, draft.rank)
                 adapter_id = make_adapter_id(domains, method, draft.rank, version)
                 if self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone():
@@ -620,7 +623,7 @@ class Registry:
                 f"adapter '{adapter_id}' is a component of {', '.join(users)}; remove those composites first"
             )
         trash: Path | None = None
-        with self._write():
+        with self.transaction():
             self.db.execute("DELETE FROM adapters WHERE id = ?", [adapter_id])
             self.db.execute("DELETE FROM lineage WHERE composite_id = ?", [adapter_id])
             self.audit(
@@ -636,7 +639,7 @@ class Registry:
         return record
 
     def set_status(self, adapter_id: str, status: str) -> None:
-        with self._write():
+        with self.transaction():
             self.db.execute("UPDATE adapters SET status = ? WHERE id = ?", [status, adapter_id])
             self.audit("adapter.status", adapter_id, {"status": status})
 
@@ -649,7 +652,7 @@ class Registry:
         strategy: str,
         options: dict[str, Any] | None = None,
     ) -> None:
-        with self._write():
+        with self.transaction():
             for position, (component_id, weight) in enumerate(components):
                 component = self.get_adapter(component_id)
                 self.db.table("lineage").insert(
@@ -683,7 +686,7 @@ class Registry:
     ) -> None:
         """Append to the metrics history (with the checksum measured) and update the latest values."""
         now = utcnow()
-        with self._write():
+        with self.transaction():
             record = self.get_adapter(adapter_id)
             for name, value in metrics.items():
                 self.db.table("metrics_history").insert(
@@ -749,7 +752,7 @@ class Registry:
         parsed = [_entry_to_row(entry, index, source) for index, entry in enumerate(entries)]
         added: list[str] = []
         unchanged: list[str] = []
-        with self._write():
+        with self.transaction():
             for base in bases if isinstance(bases, list) else []:
                 if not isinstance(base, dict) or not {"name", "path", "base_model_hash"} <= set(base):
                     raise InvalidInput(f"{source}: a base entry needs name, path and base_model_hash")

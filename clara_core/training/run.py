@@ -638,7 +638,7 @@ def _save_and_register(
             metrics={k: v for k, v in metrics.items() if v == v},  # drop NaN
             size_bytes=hashing.folder_size(folder),
         )
-        with Registry.open(workspace.registry_path) as registry, registry._write():
+        with Registry.open(workspace.registry_path) as registry, registry.transaction():
             # One transaction: the base (when new) and the adapter are registered together or not at all.
             if not base.registered:
                 added = registry.add_base(base.path, name=base.name, workspace=workspace)
