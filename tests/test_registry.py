@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -282,7 +283,13 @@ def test_verify_reports_every_mismatch(run_cli, workspace_with_base, fake_adapte
     config = json.loads(tampered.read_text())
     config["lora_alpha"] = 99
     tampered.write_text(json.dumps(config))
+    orphan = ws.adapters_dir / "verfahren" / "lora-r4-v9"
+    shutil.copytree(ws.adapters_dir / "steuerrecht" / "lora-r4-v1", orphan)
     bad = run_cli("adapters", "verify")
+    assert (
+        "note     models/adapters/verfahren/lora-r4-v9 is not registered: register it with 'clara adapters register "
+        "models/adapters/verfahren/lora-r4-v9 --domain verfahren --in-place', or delete it"
+    ) in bad.output
     assert bad.exit_code == 1
     assert "ok       steuerrecht-lora-r4-v1" in bad.output
     assert "MISMATCH sozialrecht-lora-r4-v1: adapter_checksum changed" in bad.output

@@ -203,11 +203,26 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
                     click.echo(f"MISMATCH {record.id}: {problem}")
             else:
                 click.echo(f"ok       {record.id}")
+        if not adapter_ids:
+            _report_unregistered(obj.workspace(), {r.path.resolve() for r in registry.list_adapters()})
     if rebuild:
         failures += _rebuild(obj, records)
     if failures:
         raise click.ClickException(f"{failures} of {len(records)} adapter(s) failed verification")
     click.echo(f"All {len(records)} adapter(s) match their registered checksums and bases.")
+
+
+def _report_unregistered(workspace, registered: set[Path]) -> None:
+    """Adapter folders in the workspace's convention that no registry row points to (left by a process killed
+    between moving its finished adapter into place and committing it): reported, never deleted."""
+    for config in sorted(workspace.adapters_dir.glob("*/*/adapter_config.json")):
+        folder = config.parent
+        if folder.resolve() not in registered:
+            click.echo(
+                f"note     {workspace.relative(folder)} is not registered: register it with "
+                f"'clara adapters register {workspace.relative(folder)} --domain {folder.parent.name} --in-place', "
+                "or delete it"
+            )
 
 
 def _rebuild(obj, records: list[AdapterRecord]) -> int:
