@@ -14,9 +14,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 pip=("$py" -m pip install --disable-pip-version-check -q)
+# Tested versions of everything but torch (see the file); CLARA_NO_CONSTRAINTS=1 takes the newest instead.
+[ "${CLARA_NO_CONSTRAINTS:-0}" = 1 ] || pip+=(-c scripts/constraints.txt)
 if ! "$py" -c "import torch" 2>/dev/null; then
   echo "Installing ${CLARA_TORCH:-torch==2.13.0} ..." >&2
-  "${pip[@]}" "${CLARA_TORCH:-torch==2.13.0}"
+  "$py" -m pip install --disable-pip-version-check -q "${CLARA_TORCH:-torch==2.13.0}"
 fi
 echo "Installing clara and its default plugins ..." >&2
 "${pip[@]}" -e ".[ml,serve]" \
