@@ -287,7 +287,15 @@ def test_auto_routes_through_the_router(start: Callable, setup: tuple[Workspace,
     assert completion["model"] == ids[1] and completion["clara"]["route"]["adapter_id"] == ids[1]
     chat = httpx.post(
         server.url + "/v1/chat/completions",
-        json={"model": "auto", "messages": [{"role": "user", "content": "verfahren bitte"}], "max_tokens": 4},
+        json={
+            "model": "auto",
+            # the router reads what the user wrote last, not the system message or the rendered template
+            "messages": [
+                {"role": "system", "content": "Steuer"},
+                {"role": "user", "content": "verfahren bitte"},
+            ],
+            "max_tokens": 4,
+        },
     ).json()
     assert chat["model"] == ids[2] and chat["clara"]["selection"] == "routed"
     assert "auto" in {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}

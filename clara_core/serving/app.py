@@ -231,7 +231,10 @@ class ServerState:
         requested: str | None,
         *,
         stream: bool,
+        route_text: str | None = None,
     ) -> Generation:
+        """Choose the adapter (``route_text``, what the user wrote, is what a router reads; default: the
+        prompt), admit, hot-swap, check limits and start the engine's generation."""
         started = time.perf_counter()
         record = RequestRecord(
             request_id=request.request_id or uuid.uuid4().hex, endpoint=endpoint, status=0, stream=stream
@@ -242,7 +245,7 @@ class ServerState:
         limit = self.max_tokens_limit()
         if not 1 <= request.max_tokens <= limit:
             raise InvalidInput(f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
-        selection = await self.select(requested, request.prompt)
+        selection = await self.select(requested, route_text or request.prompt)
         record.adapter_id, record.selection, record.route_score = (
             selection.adapter_id,
             selection.how,

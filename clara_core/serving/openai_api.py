@@ -198,15 +198,9 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         )
         # routing looks at what the user wrote, not at the rendered template
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), prompt)
-        requested = model_for(body.model)
-        if requested == AUTO:
-            selection = await state.select(AUTO, last_user)
-            requested = selection.adapter_id or state.base.name
-            run = await state.generation("/v1/chat/completions", request, requested, stream=body.stream)
-            run.selection = selection
-            run.record.selection, run.record.route_score = "routed", selection.score
-        else:
-            run = await state.generation("/v1/chat/completions", request, requested, stream=body.stream)
+        run = await state.generation(
+            "/v1/chat/completions", request, model_for(body.model), stream=body.stream, route_text=last_user
+        )
         rid, created, model = f"chatcmpl-{run.record.request_id}", int(time.time()), _model_name(state, run)
         clara = run.selection.to_json()
         if not body.stream:
