@@ -6,7 +6,9 @@ their function bodies, so ``clara --help`` and ``clara adapters list`` stay fast
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +154,13 @@ _register_core_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
+    # bitsandbytes' CPU backend tries to fetch an optional kernel from a model hub at import and warns that
+    # 'kernels' should be installed; clara works offline and its fallback is the regular CPU path.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft calls a transformers property that transformers 5 deprecates; nothing a clara user can act on.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     cli.main(args=argv, prog_name="clara")
 
 
