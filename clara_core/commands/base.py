@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import Conflict
-from ..hashing import read_model_config
+from ..hashing import folder_size, read_model_config
 from ..output import echo_json, echo_table, human_size, short_hash
 from ..registry import normalise_base_name
 
@@ -49,6 +49,11 @@ def add(obj, path: Path, name: str | None, copy_in: bool) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 (staging / "model").rename(target)
             source = target
+        size = folder_size(source)
+        if size > 256 * 1024 * 1024:  # hashing runs at disk speed: say what is happening on large models
+            click.echo(
+                f"Hashing {human_size(size)} of config and weights in {source} (once; cached) ...", err=True
+            )
         try:
             record = registry.add_base(source, name=name, workspace=workspace)
         except BaseException:
