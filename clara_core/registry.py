@@ -7,9 +7,7 @@ can register at once: versions are assigned without gaps or clashes and readers 
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
-import json
 import os
 import re
 import shutil
@@ -19,213 +17,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 if TYPE_CHECKING:  # sqlite_utils is imported when a registry is opened, keeping `clara --help` light
     from sqlite_utils import Database
 
 from . import hashing
 from .errors import Conflict, InvalidInput, NotFound, RegistryError
+from .records import (
+    AdapterDraft,
+    AdapterRecord,
+    BaseRecord,
+    _dumps,
+    _loads,
+    dataset_ref,
+    parse_dataset_ref,
+    utcnow,
+)
 from .workspace import Workspace, domain_key, make_adapter_id, normalise_domain, validate_adapter_id
 
-#: The keys of the plan's registry entry, in the plan's order, then the governance fields.
-PLAN_ENTRY_KEYS = (
-    "id",
-    "domain",
-    "method",
-    "rank",
-    "base_model_hash",
-    "tokenizer_hash",
-    "created",
-    "metrics",
+__all__ = [
+    "AdapterDraft",
+    "AdapterRecord",
+    "BaseRecord",
+    "Registry",
     "dataset_ref",
-)
-GOVERNANCE_KEYS = ("adapter_checksum", "license")
-EXPORT_SCHEMA = "clara.adapter_registry/1"
+    "normalise_base_name",
+    "parse_dataset_ref",
+    "utcnow",
+]
 
 _FOLDER_VERSION_RE = re.compile(r"^(?P<method>[a-z0-9_]+)-r(?P<rank>\d+)-v(?P<version>\d+)$")
-
-
-def utcnow() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _loads(value: Any, default: Any) -> Any:
-    if value is None or value == "":
-        return default
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return default
-    return value
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-@attrs.define
-class BaseRecord:
-    name: str
-    path: Path
-    base_model_hash: str
-    tokenizer_hash: str | None
-    architecture: str | None
-    model_type: str | None
-    config: dict
-    size_bytes: int
-    created: str
-
-    @classmethod
-    def from_row(cls, row: dict, workspace_root: Path) -> BaseRecord:
-        stored = Path(row["path"])
-        return cls(
-            name=row["name"],
-            path=stored if stored.is_absolute() else workspace_root / stored,
-            base_model_hash=row["base_model_hash"],
-            tokenizer_hash=row["tokenizer_hash"],
-            architecture=row["architecture"],
-            model_type=row["model_type"],
-            config=_loads(row["config"], {}),
-            size_bytes=row["size_bytes"] or 0,
-            created=row["created"],
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "base_model_hash": self.base_model_hash,
-            "tokenizer_hash": self.tokenizer_hash,
-            "architecture": self.architecture,
-            "model_type": self.model_type,
-            "size_bytes": self.size_bytes,
-            "created": self.created,
-        }
-
-
-@attrs.define
-class AdapterDraft:
-    """Everything known about an adapter before the registry gives it an id and a version."""
-
-    domain: list[str]
-    method: str
-    rank: int
-    base_model_hash: str
-    adapter_checksum: str
-    alpha: float | None = None
-    use_rslora: bool = False
-    target_modules: list[str] = attrs.field(factory=list)
-    tokenizer_hash: str | None = None
-    dataset_ref: str | None = None
-    license: str | None = None
-    peft_config: dict = attrs.field(factory=dict)
-    training_config: dict = attrs.field(factory=dict)
-    seed: int | None = None
-    library_versions: dict = attrs.field(factory=dict)
-    metrics: dict = attrs.field(factory=dict)
-    kind: str = "adapter"
-    size_bytes: int = 0
-    created: str = attrs.field(factory=utcnow)
-
-
-@attrs.define
-class AdapterRecord:
-    id: str
-    kind: str
-    domain: list[str]
-    method: str
-    rank: int
-    alpha: float | None
-    use_rslora: bool
-    target_modules: list[str]
-    base_model_hash: str
-    tokenizer_hash: str | None
-    created: str
-    metrics: dict
-    dataset_ref: str | None
-    adapter_checksum: str | None
-    license: str | None
-    path: Path
-    stored_path: str
-    status: str
-    version: int
-    peft_config: dict
-    training_config: dict
-    seed: int | None
-    library_versions: dict
-    size_bytes: int
-
-    @classmethod
-    def from_row(cls, row: dict, workspace_root: Path) -> AdapterRecord:
-        stored = row["path"]
-        path = Path(stored)
-        return cls(
-            id=row["id"],
-            kind=row["kind"] or "adapter",
-            domain=_loads(row["domain"], []),
-            method=row["method"],
-            rank=row["rank"],
-            alpha=row["alpha"],
-            use_rslora=bool(row["use_rslora"]),
-            target_modules=_loads(row["target_modules"], []),
-            base_model_hash=row["base_model_hash"],
-            tokenizer_hash=row["tokenizer_hash"],
-            created=row["created"],
-            metrics=_loads(row["metrics"], {}),
-            dataset_ref=row["dataset_ref"],
-            adapter_checksum=row["adapter_checksum"],
-            license=row["license"],
-            path=path if path.is_absolute() else workspace_root / path,
-            stored_path=stored,
-            status=row["status"],
-            version=row["version"],
-            peft_config=_loads(row["peft_config"], {}),
-            training_config=_loads(row["training_config"], {}),
-            seed=row["seed"],
-            library_versions=_loads(row["library_versions"], {}),
-            size_bytes=row["size_bytes"] or 0,
-        )
-
-    def to_entry(self) -> dict[str, Any]:
-        """The plan's registry entry (its keys first, in its order), then everything else clara records."""
-        entry: dict[str, Any] = {
-            "id": self.id,
-            "domain": list(self.domain),
-            "method": self.method,
-            "rank": self.rank,
-            "base_model_hash": self.base_model_hash,
-            "tokenizer_hash": self.tokenizer_hash,
-            "created": self.created,
-            "metrics": dict(self.metrics),
-            "dataset_ref": self.dataset_ref,
-            "adapter_checksum": self.adapter_checksum,
-            "license": self.license,
-            "kind": self.kind,
-            "version": self.version,
-            "alpha": self.alpha,
-            "use_rslora": self.use_rslora,
-            "target_modules": list(self.target_modules),
-            "path": self.stored_path,
-            "status": self.status,
-            "seed": self.seed,
-            "peft_config": self.peft_config,
-            "training_config": self.training_config,
-            "library_versions": self.library_versions,
-            "size_bytes": self.size_bytes,
-        }
-        return entry
-
-
-def dataset_ref(path: str, sha256: str) -> str:
-    """The ``dataset_ref`` string: the dataset's path and its sha256 (``data/x.jsonl@sha256:<hex>``)."""
-    return f"{path}@sha256:{sha256}"
-
-
-def parse_dataset_ref(ref: str) -> tuple[str, str | None]:
-    path, sep, digest = ref.rpartition("@sha256:")
-    return (path, digest) if sep else (ref, None)
 
 
 class Registry:
@@ -710,107 +530,6 @@ class Registry:
         rows = self.db["metrics_history"].rows_where("adapter_id = ?", [adapter_id], order_by="id")
         return [{**r, "details": _loads(r["details"], {})} for r in rows]
 
-    # -- JSON export / import ----------------------------------------------------------------------------------
-
-    def export_document(self) -> dict[str, Any]:
-        adapters = self.list_adapters()
-        entries = []
-        for adapter in adapters:
-            entry = adapter.to_entry()
-            lineage = self.lineage(adapter.id)
-            if lineage:
-                entry["lineage"] = [
-                    {
-                        "component_id": r["component_id"],
-                        "weight": r["weight"],
-                        "strategy": r["strategy"],
-                        "options": r["options"],
-                        "component_checksum": r["component_checksum"],
-                    }
-                    for r in lineage
-                ]
-            entries.append(entry)
-        return {
-            "schema": EXPORT_SCHEMA,
-            "comment": (
-                "clara adapter registry. Each entry starts with the plan's fields (id, domain, method, rank, "
-                "base_model_hash, tokenizer_hash, created, metrics, dataset_ref) and the governance fields "
-                "(adapter_checksum, license); the rest is what clara needs to restore the registry with "
-                "'clara adapters import-json'."
-            ),
-            "exported": utcnow(),
-            "bases": [b.to_json() for b in self.list_bases()],
-            "adapters": entries,
-        }
-
-    def import_document(self, document: Any, source: str, workspace: Workspace) -> dict[str, list[str]]:
-        """Restore entries written by :meth:`export_document`; all or nothing. Returns added/unchanged ids."""
-        entries = document.get("adapters") if isinstance(document, dict) else document
-        if not isinstance(entries, list):
-            raise InvalidInput(f"{source}: expected a list of adapter entries or an object with 'adapters'")
-        bases = document.get("bases", []) if isinstance(document, dict) else []
-        parsed = [_entry_to_row(entry, index, source) for index, entry in enumerate(entries)]
-        added: list[str] = []
-        unchanged: list[str] = []
-        with self.transaction():
-            for base in bases if isinstance(bases, list) else []:
-                if not isinstance(base, dict) or not {"name", "path", "base_model_hash"} <= set(base):
-                    raise InvalidInput(f"{source}: a base entry needs name, path and base_model_hash")
-                if (
-                    self.find_base(base["base_model_hash"]) is None
-                    and not self.db.execute("SELECT 1 FROM bases WHERE name = ?", [base["name"]]).fetchone()
-                ):
-                    self.db.table("bases").insert(
-                        {
-                            "name": base["name"],
-                            "path": workspace.relative(Path(base["path"])),
-                            "base_model_hash": base["base_model_hash"],
-                            "tokenizer_hash": base.get("tokenizer_hash"),
-                            "architecture": base.get("architecture"),
-                            "model_type": base.get("model_type"),
-                            "config": _dumps({}),
-                            "size_bytes": base.get("size_bytes") or 0,
-                            "created": base.get("created") or utcnow(),
-                        }
-                    )
-            for row, lineage in parsed:
-                existing = list(self.db["adapters"].rows_where("id = ?", [row["id"]]))
-                if existing:
-                    if existing[0]["adapter_checksum"] != row["adapter_checksum"]:
-                        raise Conflict(
-                            f"{source}: adapter '{row['id']}' is registered here with a different checksum "
-                            f"({str(existing[0]['adapter_checksum'])[:12]} vs {str(row['adapter_checksum'])[:12]}); "
-                            "nothing was imported"
-                        )
-                    unchanged.append(row["id"])
-                    continue
-                clash = self.db.execute(
-                    "SELECT id FROM adapters WHERE domain_key = ? AND method = ? AND rank = ? AND version = ?",
-                    [row["domain_key"], row["method"], row["rank"], row["version"]],
-                ).fetchone()
-                if clash:
-                    raise Conflict(
-                        f"{source}: '{row['id']}' would take version {row['version']} already used by '{clash[0]}'; "
-                        "nothing was imported"
-                    )
-                row["status"] = "ready" if workspace.resolve(row["path"]).exists() else "missing"
-                self.db.table("adapters").insert(row)
-                for position, item in enumerate(lineage):
-                    self.db.table("lineage").insert(
-                        {
-                            "composite_id": row["id"],
-                            "component_id": item["component_id"],
-                            "position": position,
-                            "weight": item.get("weight"),
-                            "strategy": item.get("strategy") or "",
-                            "options": _dumps(item.get("options") or {}),
-                            "component_checksum": item.get("component_checksum"),
-                        }
-                    )
-                added.append(row["id"])
-            self.audit("registry.import", source, {"added": added, "unchanged": unchanged})
-        return {"added": added, "unchanged": unchanged}
-
 
 def normalise_base_name(value: str) -> str:
     name = value.strip().lower().replace(" ", "_")
@@ -826,65 +545,3 @@ def _version_from_folder(target: Path | None, method: str, rank: int) -> int | N
     if match and match["method"] == method and int(match["rank"]) == rank:
         return int(match["version"])
     return None
-
-
-_REQUIRED_ENTRY_KEYS = ("id", "domain", "method", "rank", "base_model_hash", "created")
-
-
-def _entry_to_row(entry: Any, index: int, source: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    where = f"{source}: entry {index + 1}"
-    if not isinstance(entry, dict):
-        raise InvalidInput(f"{where}: expected an object")
-    missing = [k for k in _REQUIRED_ENTRY_KEYS if entry.get(k) in (None, "")]
-    if missing:
-        raise InvalidInput(f"{where}: missing {', '.join(missing)}")
-    adapter_id = str(entry["id"])
-    try:
-        validate_adapter_id(adapter_id)
-    except InvalidInput as exc:
-        raise InvalidInput(f"{where}: {exc}") from exc
-    domains = entry["domain"] if isinstance(entry["domain"], list) else [entry["domain"]]
-    domains = [normalise_domain(str(d)) for d in domains]
-    if not isinstance(entry["rank"], int) or entry["rank"] < 1:
-        raise InvalidInput(f"{where}: rank must be a positive integer")
-    version = entry.get("version")
-    if not isinstance(version, int):
-        match = re.search(r"-v(\d+)$", adapter_id)
-        version = int(match.group(1)) if match else 1
-    stored_path = (
-        entry.get("path")
-        or f"models/adapters/{domain_key(domains)}/{entry['method']}-r{entry['rank']}-v{version}"
-    )
-    stored_path = str(stored_path)
-    if ".." in Path(stored_path).parts:
-        raise InvalidInput(f"{where}: path {stored_path!r} must not contain '..'")
-    lineage = entry.get("lineage") or []
-    if not isinstance(lineage, list):
-        raise InvalidInput(f"{where}: lineage must be a list")
-    row = {
-        "id": adapter_id,
-        "kind": entry.get("kind") or "adapter",
-        "domain": _dumps(domains),
-        "domain_key": domain_key(domains),
-        "method": str(entry["method"]),
-        "rank": entry["rank"],
-        "alpha": entry.get("alpha"),
-        "use_rslora": int(bool(entry.get("use_rslora"))),
-        "target_modules": _dumps(entry.get("target_modules") or []),
-        "base_model_hash": entry["base_model_hash"],
-        "tokenizer_hash": entry.get("tokenizer_hash"),
-        "created": entry["created"],
-        "metrics": _dumps(entry.get("metrics") or {}),
-        "dataset_ref": entry.get("dataset_ref"),
-        "adapter_checksum": entry.get("adapter_checksum"),
-        "license": entry.get("license"),
-        "path": stored_path,
-        "status": entry.get("status") or "ready",
-        "version": version,
-        "peft_config": _dumps(entry.get("peft_config") or {}),
-        "training_config": _dumps(entry.get("training_config") or {}),
-        "seed": entry.get("seed"),
-        "library_versions": _dumps(entry.get("library_versions") or {}),
-        "size_bytes": entry.get("size_bytes") or 0,
-    }
-    return row, lineage

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
-    from .registry import AdapterRecord, BaseRecord
+    from .records import AdapterRecord, BaseRecord
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 

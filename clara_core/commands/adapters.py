@@ -13,6 +13,7 @@ from ..compat import adapter_base_mismatches
 from ..errors import Conflict, InvalidInput
 from ..output import echo_json, echo_table, human_size, short_hash
 from ..registry import AdapterDraft, AdapterRecord, Registry, dataset_ref
+from ..registry_json import export_document, import_document
 
 
 @click.group()
@@ -350,7 +351,7 @@ def export_json(obj, out: Path | None) -> None:
     """Write the registry as the plan's adapter_registry.json (one entry per adapter)."""
     workspace = obj.workspace()
     with Registry.open(workspace.registry_path) as registry:
-        document = registry.export_document()
+        document = export_document(registry)
     target = out or workspace.metadata_dir / "adapter_registry.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -372,7 +373,7 @@ def import_json(obj, file: Path) -> None:
         raise InvalidInput(f"{file}: not valid JSON ({exc})") from exc
     workspace = obj.workspace()
     with Registry.open(workspace.registry_path) as registry:
-        result = registry.import_document(document, str(file), workspace)
+        result = import_document(registry, document, str(file), workspace)
     click.echo(
         f"Imported {len(result['added'])} adapter(s); {len(result['unchanged'])} already registered unchanged."
     )
