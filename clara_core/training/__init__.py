@@ -3,7 +3,8 @@
 - :mod:`.data`: JSONL validation, tokenisation with loss masks, packing.
 - :mod:`.config`: :class:`TrainConfig` and the micro-batch plan.
 - :mod:`.loop`: the Trainer, progress, checkpoints, Ctrl-C, perplexity.
-- :mod:`.run`: one run from inputs to a registered adapter, all or nothing; rebuilds.
+- :mod:`.run`: one run from inputs to a registered adapter, all or nothing.
+- :mod:`.rebuild`: training a registered adapter again from its recorded inputs.
 - :mod:`.methods`: helpers trainer-method plugins build on.
 
 Importing this package is cheap; torch, transformers and peft load when a run starts.
@@ -12,6 +13,7 @@ Importing this package is cheap; torch, transformers and peft load when a run st
 from __future__ import annotations
 
 from .config import TrainConfig
-from .run import METADATA_FILE, DiskFull, TrainResult, rebuild_adapter, train_adapter
+from .rebuild import rebuild_adapter
+from .run import METADATA_FILE, DiskFull, TrainResult, train_adapter
 
 __all__ = ["METADATA_FILE", "DiskFull", "TrainConfig", "TrainResult", "rebuild_adapter", "train_adapter"]

@@ -38,7 +38,6 @@ from ..registry import (
     Registry,
     dataset_ref,
     normalise_base_name,
-    parse_dataset_ref,
 )
 from ..types import TrainerMethod, TrainerMethodImpl
 from ..workspace import Workspace, domain_key
@@ -693,108 +692,12 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def config_from_record(record: AdapterRecord, workspace: Workspace, registry: Registry) -> TrainConfig:
-    """The :class:`TrainConfig` that trained ``record``, from its registry entry, with its inputs checked."""
-    recorded = record.training_config
-    if not recorded or "dataset" not in recorded:
-        raise InvalidInput(
-            f"adapter '{record.id}' has no recorded training config (it was registered, not trained by clara); "
-            "it cannot be rebuilt"
-        )
-    base = registry.find_base(recorded.get("base_model_hash") or record.base_model_hash)
-    if base is None:
-        raise NotFound(
-            f"adapter '{record.id}': its base {record.base_model_hash[:12]} is not registered here; "
-            "add it with 'clara base add PATH'"
-        )
-    dataset = workspace.resolve(recorded["dataset"])
-    _check_input(record, dataset, recorded["dataset_sha256"], "dataset")
-    dev = None
-    if recorded.get("dev"):
-        dev = workspace.resolve(recorded["dev"])
-        _check_input(record, dev, recorded["dev_sha256"], "dev set")
-    if record.dataset_ref:
-        _, digest = parse_dataset_ref(record.dataset_ref)
-        if digest and digest != recorded["dataset_sha256"]:
-            raise Conflict(f"adapter '{record.id}': dataset_ref and training config disagree; cannot rebuild")
-    return TrainConfig(
-        base=str(base.path),
-        domains=list(recorded.get("domains") or record.domain),
-        method=recorded["method"],
-        dataset=dataset,
-        rank=recorded["rank"],
-        alpha=recorded.get("alpha"),
-        dropout=recorded["dropout"],
-        target_modules=recorded.get("target_modules"),
-        use_rslora=bool(recorded.get("use_rslora")),
-        batch_size=recorded["batch_size"],
-        micro_batch_size=recorded["micro_batch_size"],
-        epochs=recorded["epochs"],
-        max_steps=recorded.get("max_steps"),
-        lr=recorded["lr"],
-        warmup_steps=recorded.get("warmup_steps", 0),
-        weight_decay=recorded.get("weight_decay", 0.0),
-        seed=recorded["seed"],
-        max_seq_len=recorded["max_seq_len"],
-        truncate=recorded.get("truncate", True),
-        packing=recorded.get("packing", True),
-        dtype=recorded.get("precision", "auto"),
-        dev=dev,
-        options=dict(recorded.get("options") or {}),
-    )
-
-
-def _check_input(record: AdapterRecord, path: Path, sha: str, what: str) -> None:
-    if not path.is_file():
-        raise NotFound(f"adapter '{record.id}': its {what} {path} is gone; restore it to rebuild")
-    actual = hashing.sha256_file(path)
-    if actual != sha:
-        raise Conflict(
-            f"adapter '{record.id}': its {what} {path} changed since training (sha256 {sha[:12]} then, "
-            f"{actual[:12]} now); restore it to rebuild"
-        )
-
-
-def rebuild_adapter(
-    record: AdapterRecord,
-    workspace: Workspace,
-    plugins: PluginManager,
-    *,
-    echo: Callable[[str], None] | None = None,
-    show_progress: bool = True,
-) -> tuple[bool, str]:
-    """Train ``record`` again from its recorded inputs, in a scratch folder; (checksums match, new checksum)."""
-    with Registry.open(workspace.registry_path) as registry:
-        config = config_from_record(record, workspace, registry)
-    workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
-    scratch = workspace.tmp_dir / f"rebuild-{os.getpid()}-{record.id}"
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    try:
-        result = train_adapter(
-            config,
-            workspace,
-            plugins,
-            echo=echo,
-            register=False,
-            show_progress=show_progress,
-            run_dir=scratch / "run",
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        for leftover in workspace.tmp_dir.glob(f"train-{os.getpid()}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-    return result.adapter_checksum == record.adapter_checksum, result.adapter_checksum
-
-
 __all__ = [
     "METADATA_FILE",
     "DiskFull",
     "TrainConfig",
     "TrainResult",
-    "config_from_record",
     "domain_key",
     "library_versions",
-    "rebuild_adapter",
     "train_adapter",
 ]
