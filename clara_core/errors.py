@@ -54,3 +54,13 @@ class PluginError(ClaraError):
 class UnknownPluginName(PluginError):
     http_status = 404
     code = "unknown_plugin"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name when it has none.
+
+    Library errors often carry multi-line messages (tracebacks of a worker, hints); a user-facing one-line error
+    quotes only this.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
