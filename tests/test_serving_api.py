@@ -74,8 +74,8 @@ def workspace_with_adapters(
 
 @pytest.fixture(scope="module")
 def server(workspace_with_adapters: Workspace) -> Iterator[Any]:
-    from clara_core.serving.app import ServeSettings
     from clara_core.serving.runner import BackgroundServer, prepare
+    from clara_core.serving.state import ServeSettings
 
     settings = ServeSettings(max_loaded=4, max_queue=256, api_key=KEY, preload=[LORAS[0]])
     state = prepare(

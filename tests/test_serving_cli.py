@@ -14,8 +14,8 @@ from click.testing import Result
 from clara_core import hookimpl
 from clara_core.errors import ClaraError
 from clara_core.plugins import PluginManager
-from clara_core.serving.app import ServeSettings
 from clara_core.serving.runner import prepare
+from clara_core.serving.state import ServeSettings
 from clara_core.types import Engine
 from clara_core.workspace import Workspace
 

@@ -18,8 +18,8 @@ from clara_core import hookimpl
 from clara_core.errors import InvalidInput
 from clara_core.plugins import PluginManager
 from clara_core.registry import AdapterDraft, Registry
-from clara_core.serving.app import ServeSettings
 from clara_core.serving.runner import BackgroundServer, prepare
+from clara_core.serving.state import ServeSettings
 from clara_core.types import (
     Engine,
     EngineCapabilities,

@@ -92,9 +92,9 @@ def serve(
     /load_adapter, /unload_adapter, /activate_adapter, /generate, /metrics and the OpenAI-compatible /v1/models,
     /v1/completions and /v1/chat/completions, where 'model' is an adapter id or the base's name.
     """
-    from ..serving.app import ServeSettings
     from ..serving.requestlog import JsonlRequestLog
     from ..serving.runner import bind, prepare, run
+    from ..serving.state import ServeSettings
 
     # CPU inference threads that spin while another process holds the cores slow a shared machine down many
     # times over; sleeping waits cost little (set OMP_WAIT_POLICY yourself to override)

@@ -19,8 +19,9 @@ from ..plugins import PluginManager
 from ..registry import AdapterRecord, Registry
 from ..types import EngineOptions, Option, RouterImpl
 from ..workspace import Workspace
-from .app import ServerState, ServeSettings, create_app
+from .app import create_app
 from .requestlog import RequestObserver
+from .state import ServerState, ServeSettings
 
 DEFAULT_ENGINE = "transformers"
 
