@@ -67,6 +67,9 @@ class HoldingEngine(EngineImpl):
             text = f"{request.adapter_id or 'base'}:{request.prompt}"
             if request.prompt == "fail":
                 raise InvalidInput("this engine refuses the prompt 'fail'")
+            if request.prompt == "crash":  # an engine failure after the first chunk
+                yield GenerationChunk(text=text, prompt_tokens=1, completion_tokens=1)
+                raise RuntimeError("the device fell over\nsecond line")
             if request.prompt.startswith(HOLD):
                 yield GenerationChunk(text=text, prompt_tokens=1, completion_tokens=1)
                 await self.release.wait()
@@ -362,3 +365,45 @@ def test_request_log_observer_writes_one_json_line_per_request(setup: tuple[Work
     assert [(r["status"], r["adapter_id"]) for r in lines] == [(200, ids[0]), (404, None), (422, ids[1])]
     assert f'clara_requests_total{{adapter="{ids[1]}",endpoint="/generate",status="422"}} 1.0' in metrics
     assert lines[0]["completion_tokens"] == 2 and lines[0]["selection"] == "named" and lines[0]["request_id"]
+
+
+def test_engine_failure_counts_as_engine_error_not_client_closed(
+    setup: tuple[Workspace, list[str]],
+) -> None:
+    from clara_core.serving.requestlog import JsonlRequestLog
+
+    workspace, ids = setup
+    log_path = workspace.metadata_dir / "logs" / "requests.jsonl"
+    manager = PluginManager(load_entry_points=False)
+    manager.register(FakePlugin(), name="fake")
+    state = prepare(
+        workspace,
+        manager,
+        engine_name="holding",
+        base_name=None,
+        settings=ServeSettings(),
+        observers=[JsonlRequestLog(log_path)],
+    )
+    with BackgroundServer(state) as server:
+        failed = httpx.post(server.url + "/generate", json={"prompt": "crash", "adapter_id": ids[0]})
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["code"] == "engine_error"
+        assert error["message"] == (
+            "engine 'holding' failed during generation: RuntimeError: the device fell over"
+        )
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json={"model": ids[0], "prompt": "crash", "stream": True}
+        ) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert events[0]["choices"][0]["text"] == f"{ids[0]}:crash"
+        assert events[-1]["error"]["code"] == "engine_error"
+        metrics = httpx.get(server.url + "/metrics").text
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(r["status"], r["error_code"], r["adapter_id"]) for r in lines] == [
+        (500, "engine_error", ids[0]),
+        (500, "engine_error", ids[0]),
+    ]
+    assert f'clara_engine_errors_total{{adapter="{ids[0]}"}} 2.0' in metrics
+    assert f'clara_requests_total{{adapter="{ids[0]}",endpoint="/generate",status="500"}} 1.0' in metrics
+    assert 'status="499"' not in metrics

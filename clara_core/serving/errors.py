@@ -28,6 +28,13 @@ class AdaptersBusy(ServiceUnavailable):
     code = "adapters_busy"
 
 
+class EngineError(ClaraError):
+    """The engine failed while generating (not the client's doing): 500, counted as an engine error."""
+
+    http_status = 500
+    code = "engine_error"
+
+
 class AdapterInUse(ClaraError):
     http_status = 409
     code = "adapter_in_use"

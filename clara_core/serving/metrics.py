@@ -69,6 +69,12 @@ class Metrics:
         self.routes = Counter(
             "clara_route_decisions", "Routing decisions by chosen adapter", ["adapter"], registry=r
         )
+        self.engine_errors = Counter(
+            "clara_engine_errors",
+            "Requests that failed in the engine (answered 500 engine_error), by adapter",
+            ["adapter"],
+            registry=r,
+        )
         self.in_flight = Gauge("clara_in_flight_requests", "Requests admitted and not finished", registry=r)
         self.loaded = Gauge("clara_loaded_adapters", "Adapters loaded now", registry=r)
 
@@ -82,6 +88,8 @@ class Metrics:
             self.queue_time.labels(adapter).observe(rec.queue_seconds)
             if rec.first_token_seconds is not None:
                 self.first_token.labels(adapter).observe(rec.first_token_seconds)
+        if rec.error_code == "engine_error":
+            self.engine_errors.labels(adapter).inc()
         if rec.selection == "routed":
             self.routes.labels(adapter).inc()
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import attrs
 
-from ..errors import ClaraError, InvalidInput
+from ..errors import ClaraError, InvalidInput, first_line
 from ..registry import AdapterRecord, BaseRecord
 from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouterImpl
 from .adapters import AdapterManager
 from .admission import Admission
-from .errors import error_body
+from .errors import EngineError, error_body
 from .metrics import Metrics
 from .requestlog import RequestObserver, RequestRecord
 from .streaming import sse
@@ -100,7 +100,15 @@ class Generation:
             status, code = exc.http_status, exc.code
             exc._clara_observed = True  # type: ignore[attr-defined]  # recorded below, not again by the handler
             raise
-        except BaseException:  # client gone (cancelled) or engine failure
+        except Exception as exc:  # the engine failed: an engine error (500), not the client's doing
+            error = EngineError(
+                f"engine '{self.state.settings.engine_name}' failed during generation: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            )
+            status, code = error.http_status, error.code
+            error._clara_observed = True  # type: ignore[attr-defined]
+            raise error from exc
+        except BaseException:  # client gone: the request was cancelled or the stream closed
             status, code = 499, "client_closed"
             raise
         finally:
@@ -231,6 +239,15 @@ class ServerState:
                     f"context of {limit} tokens"
                 )
             chunks = self.engine.generate(request)
+        except ClaraError:
+            await stack.aclose()
+            raise
+        except Exception as exc:
+            await stack.aclose()
+            raise EngineError(
+                f"engine '{self.settings.engine_name}' failed to start the generation: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            ) from exc
         except BaseException:
             await stack.aclose()
             raise
