@@ -36,7 +36,8 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     default=8,
     show_default=True,
     type=int,
-    help="Adapters loaded at once; beyond it the least recently used idle one is unloaded.",
+    help="Adapters loaded at once (slots); a request for another one waits for the least recently used "
+    "slot to free, first come first served.",
 )
 @click.option(
     "--api-key", envvar="CLARA_API_KEY", help="Require 'Authorization: Bearer KEY' (env CLARA_API_KEY)."
@@ -46,7 +47,16 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     default=64,
     show_default=True,
     type=int,
-    help="Requests held at once (generating or waiting); more answer 503 at once.",
+    help="Requests held at once (generating or waiting for an adapter slot); more answer 503 at once, "
+    "with Retry-After.",
+)
+@click.option(
+    "--queue-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=24 * 3600),
+    metavar="SECONDS",
+    help="Longest wait for an adapter slot; a longer one answers 503 with Retry-After.",
 )
 @click.option(
     "--max-body",
@@ -81,6 +91,7 @@ def serve(
     max_loaded: int,
     api_key: str | None,
     max_queue: int,
+    queue_timeout: float,
     max_body_bytes: int,
     log_requests: bool,
     router_name: str | None,
@@ -103,6 +114,7 @@ def serve(
     settings = ServeSettings(
         max_loaded=max_loaded,
         max_queue=max_queue,
+        queue_timeout=queue_timeout,
         api_key=api_key or None,
         max_body_bytes=max_body_bytes,
         router_name=router_name,

@@ -7,6 +7,7 @@ from typing import Any
 from .requestlog import RequestRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
@@ -43,6 +44,22 @@ class Metrics:
             "Time from arrival to generation start",
             ["adapter"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "clara_adapter_queue_wait_seconds",
+            "Time a request waited for its adapter's slot (0 when it was loaded), by adapter",
+            ["adapter"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.queue_waiting = Gauge(
+            "clara_adapter_queue_waiting", "Requests waiting for an adapter slot now", registry=r
+        )
+        self.queue_timeouts = Counter(
+            "clara_adapter_queue_timeouts",
+            "Requests answered 503 after waiting --queue-timeout for an adapter slot, by adapter",
+            ["adapter"],
             registry=r,
         )
         self.loads = Counter(
