@@ -13,7 +13,7 @@ import re
 import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,15 @@ if TYPE_CHECKING:  # sqlite_utils is imported when a registry is opened, keeping
     from sqlite_utils import Database
 
 from . import hashing
-from .errors import Conflict, InvalidInput, NotFound, RegistryError
+from .errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    RegistryDiskFull,
+    RegistryError,
+    RegistryLocked,
+    RegistryReadOnly,
+)
 from .records import (
     AdapterDraft,
     AdapterRecord,
@@ -32,6 +40,7 @@ from .records import (
     parse_dataset_ref,
     utcnow,
 )
+from .registry_db import READ_TIMEOUT_S, WRITE_TIMEOUT_S, check_integrity, connect
 from .workspace import Workspace, domain_key, make_adapter_id, normalise_domain, validate_adapter_id
 
 __all__ = [
@@ -60,33 +69,40 @@ class Registry:
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Registry:
+        """Open (with ``create``: create) the registry at ``path``.
+
+        Storage faults are one-line errors of their own (see :mod:`clara_core.registry_db`): a lock held by
+        another process, a damaged or lost (zero-byte) file; a read-only folder or a full disk opens it
+        read-only, and only a write then fails, saying why."""
         from sqlite_utils import Database
 
-        path = Path(path)
-        if not path.exists() and not create:
-            raise RegistryError(f"{path}: no registry here; run 'clara init' in the workspace first")
-        try:
-            conn = sqlite3.connect(str(path), timeout=60)
-            conn.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(
-                f"{path} is not a clara registry (not an SQLite database: {exc}); "
-                "move it aside and run 'clara init' again"
-            ) from exc
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            pass  # read-only media: WAL is an optimisation, not a requirement
-        conn.execute("PRAGMA foreign_keys=ON")
+        conn = connect(Path(path), create=create)
         db = Database(conn, execute_plugins=False)
-        registry = cls(db, path)
+        registry = cls(db, conn.registry_path)
         try:
             registry._migrate()
         except BaseException:
             conn.close()
             raise
         return registry
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why this registry cannot be written (a read-only folder, a full disk), or None when it can."""
+        return getattr(self.db.conn, "read_only_reason", None)
+
+    def require_writable(self) -> None:
+        """Fail now, before any file is copied or written, when the registry cannot record the result."""
+        reason = self.read_only_reason
+        if reason is not None:
+            raise RegistryReadOnly(
+                f"cannot write {self.path}: {reason}. Reading works, but this command changes the registry; "
+                "run it where the workspace is writable"
+            )
+
+    def check_integrity(self) -> None:
+        """A cheap structural check of the file (``PRAGMA quick_check``): raises when registry.db is damaged."""
+        check_integrity(self.db.conn)  # type: ignore[arg-type]
 
     def _migrate(self) -> None:
         from .migrations import migrations
@@ -133,14 +149,22 @@ class Registry:
         if conn.in_transaction:
             yield
             return
-        conn.execute("BEGIN IMMEDIATE")
+        self.require_writable()
+        conn.set_busy_timeout(WRITE_TIMEOUT_S)  # type: ignore[attr-defined]
         try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                # the first error is the one to report; SQLite rolls back on its own when the connection closes
+                with suppress(sqlite3.Error, RegistryError):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+        finally:
+            conn.set_busy_timeout(READ_TIMEOUT_S)  # type: ignore[attr-defined]
 
     def audit(self, action: str, subject: str, details: dict[str, Any] | None = None) -> None:
         try:
@@ -173,10 +197,16 @@ class Registry:
         return row[0] if row else None
 
     def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
-        with self.transaction():
-            self.db.table("file_hashes").upsert(
-                {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
-            )
+        """Best effort: the cache only saves time, so a read-only or full registry (or a lock) skips it."""
+        if self.read_only_reason is not None:
+            return
+        try:
+            with self.transaction():
+                self.db.table("file_hashes").upsert(
+                    {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
+                )
+        except (RegistryLocked, RegistryReadOnly, RegistryDiskFull):
+            pass
 
     # -- bases -------------------------------------------------------------------------------------------------
 
