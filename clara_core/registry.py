@@ -13,14 +13,14 @@ import re
 import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # sqlite_utils is imported when a registry is opened, keeping `clara --help` light
     from sqlite_utils import Database
 
-from . import hashing
+from . import hashing, registry_db
 from .errors import (
     Conflict,
     InvalidInput,
@@ -40,7 +40,7 @@ from .records import (
     parse_dataset_ref,
     utcnow,
 )
-from .registry_db import READ_TIMEOUT_S, WRITE_TIMEOUT_S, check_integrity, connect
+from .registry_db import cannot_write, check_integrity, connect
 from .workspace import Workspace, domain_key, make_adapter_id, normalise_domain, validate_adapter_id
 
 __all__ = [
@@ -95,10 +95,7 @@ class Registry:
         """Fail now, before any file is copied or written, when the registry cannot record the result."""
         reason = self.read_only_reason
         if reason is not None:
-            raise RegistryReadOnly(
-                f"cannot write {self.path}: {reason}. Reading works, but this command changes the registry; "
-                "run it where the workspace is writable"
-            )
+            raise cannot_write(self.path, reason)
 
     def check_integrity(self) -> None:
         """A cheap structural check of the file (``PRAGMA quick_check``): raises when registry.db is damaged."""
@@ -150,7 +147,7 @@ class Registry:
             yield
             return
         self.require_writable()
-        conn.set_busy_timeout(WRITE_TIMEOUT_S)  # type: ignore[attr-defined]
+        conn.set_busy_timeout(registry_db.WRITE_TIMEOUT_S)  # type: ignore[attr-defined]
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -164,7 +161,7 @@ class Registry:
             else:
                 conn.execute("COMMIT")
         finally:
-            conn.set_busy_timeout(READ_TIMEOUT_S)  # type: ignore[attr-defined]
+            conn.set_busy_timeout(registry_db.READ_TIMEOUT_S)  # type: ignore[attr-defined]
 
     def audit(self, action: str, subject: str, details: dict[str, Any] | None = None) -> None:
         try:
@@ -325,12 +322,10 @@ class Registry:
         key = domain_key(domains)
         requested_version = _version_from_folder(target, method, draft.rank) if target is not None else None
         staged: Path | None = None
+        staging = ExitStack()  # the copy's staging folder: removed (and its owner marker released) at the end
         if place == "copy":
-            workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
-            staged = workspace.tmp_dir / f"copy-{os.getpid()}-{source.name}"
-            if staged.exists():
-                shutil.rmtree(staged)
-            shutil.copytree(source, staged)
+            self.require_writable()  # before copying gigabytes that could not be recorded
+            staged = staging.enter_context(workspace.staged_copy(source))
         try:
             with self.transaction():
                 version = requested_version or self._next_version(key, method, draft.rank)
@@ -381,8 +376,7 @@ class Registry:
                         os.rename(final, staged if staged is not None else source)
                     raise
         finally:
-            if staged is not None and staged.exists():
-                shutil.rmtree(staged, ignore_errors=True)
+            staging.close()
         return self.get_adapter(adapter_id)
 
     @staticmethod

@@ -144,10 +144,8 @@ def classify(
             f"done ('fuser -v {path}' shows which); the registry itself is fine"
         )
     if primary == _READONLY:
-        reason = read_only_reason or read_only_reason_for(path) or "SQLite opened it read-only"
-        return RegistryReadOnly(
-            f"cannot write {path}: {reason}. Reading works, but this command changes the registry; run it "
-            "where the workspace is writable"
+        return cannot_write(
+            path, read_only_reason or read_only_reason_for(path) or "SQLite opened it read-only"
         )
     if primary == _FULL or (primary in (_IOERR, _CANTOPEN) and _free_bytes(folder) < _NEARLY_FULL):
         return RegistryDiskFull(
@@ -173,6 +171,21 @@ def classify(
             "check the disk and the file system it lies on"
         )
     return exc
+
+
+def cannot_write(path: Path, reason: str) -> RegistryError:
+    """The error for a write to a registry opened read-only because of ``reason``."""
+    if reason.startswith(_FULL_DISK):
+        return RegistryDiskFull(
+            f"cannot write {path}: {reason}; nothing was changed. Free some space and retry"
+        )
+    return RegistryReadOnly(
+        f"cannot write {path}: {reason}. Reading works, but this command changes the registry; run it where "
+        "the workspace is writable"
+    )
+
+
+_FULL_DISK = "the disk holding "
 
 
 def read_only_reason_for(path: Path) -> str | None:
@@ -224,7 +237,7 @@ def connect(path: Path, *, create: bool = False) -> RegistryConnection:
             return conn
         except RegistryDiskFull:  # SQLite cannot size its -shm on a full disk: reads still work
             conn.close()
-            reason = f"the disk holding {path.parent} is full ({_free_text(path.parent)} free)"
+            reason = f"{_FULL_DISK}{path.parent} is full ({_free_text(path.parent)} free)"
         except RegistryReadOnly:
             conn.close()
             reason = read_only_reason_for(path) or "SQLite may not write it"

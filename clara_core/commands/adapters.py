@@ -10,7 +10,7 @@ import click
 
 from .. import hashing
 from ..compat import adapter_base_mismatches
-from ..errors import Conflict, InvalidInput
+from ..errors import Conflict, InvalidInput, RegistryEmpty
 from ..output import echo_json, echo_table, human_size, short_hash
 from ..registry import AdapterDraft, AdapterRecord, Registry, dataset_ref
 from ..registry_json import export_document, import_document
@@ -189,10 +189,20 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
     method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
     one; nothing is registered.
     """
-    with obj.registry() as registry:
+    workspace = obj.workspace()
+    try:
+        opened = Registry.open(workspace.registry_path)
+    except RegistryEmpty:  # a lost registry: say which folders it should know before failing
+        _report_unregistered(workspace, set())
+        _report_leftovers(workspace)
+        raise
+    with opened as registry:
         records = [registry.get_adapter(i) for i in adapter_ids] if adapter_ids else registry.list_adapters()
         if not records:
             click.echo("No adapters to verify.")
+            if not adapter_ids:
+                _report_unregistered(workspace, set())
+                _report_leftovers(workspace)
             return
         base_hashes: dict[str, str | None] = {}
         failures = 0
@@ -205,7 +215,8 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
             else:
                 click.echo(f"ok       {record.id}")
         if not adapter_ids:
-            _report_unregistered(obj.workspace(), {r.path.resolve() for r in registry.list_adapters()})
+            _report_unregistered(workspace, {r.path.resolve() for r in registry.list_adapters()})
+            _report_leftovers(workspace)
     if rebuild:
         failures += _rebuild(obj, records)
     if failures:
@@ -224,6 +235,17 @@ def _report_unregistered(workspace, registered: set[Path]) -> None:
                 f"'clara adapters register {workspace.relative(folder)} --domain {folder.parent.name} --in-place', "
                 "or delete it"
             )
+
+
+def _report_leftovers(workspace) -> None:
+    """Staging folders in metadata/tmp whose process died (killed during a copy or a training): reported here,
+    removed by the next command that stages files."""
+    for leftover in workspace.staging_leftovers():
+        click.echo(
+            f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging "
+            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add' removes "
+            "it, or delete it yourself"
+        )
 
 
 def _rebuild(obj, records: list[AdapterRecord]) -> int:
