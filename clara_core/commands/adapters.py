@@ -185,6 +185,9 @@ def verify_adapter(
 def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None:
     """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch.
 
+    Without ADAPTER_IDS, also notes adapter folders no registry row points to, and staging folders in
+    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add' removes those).
+
     With --rebuild, each adapter is trained again from the inputs recorded at training time (base, dataset,
     method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
     one; nothing is registered.
