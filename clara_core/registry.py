@@ -7,6 +7,7 @@ can register at once: versions are assigned without gaps or clashes and readers 
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 import shutil
@@ -32,6 +33,7 @@ from .naming import (
     normalise_base_name,
     normalise_domain,
     normalise_method,
+    parse_adapter_id,
     validate_adapter_id,
     version_from_folder,
 )
@@ -534,9 +536,30 @@ class Registry:
                     f"adapter '{adapter_id}' is not registered: it was removed on {removed['removed']}; "
                     "see 'clara adapters list'"
                 )
-            hint = did_you_mean(adapter_id, self.adapter_ids())
+            hint = did_you_mean(adapter_id, self._suggestion_candidates(adapter_id))
             raise NotFound(f"adapter '{adapter_id}' is not registered{hint or ';'} see 'clara adapters list'")
         return AdapterRecord.from_row(rows[0], self.root)
+
+    def _suggestion_candidates(self, adapter_id: str, *, small: int = 500) -> list[str]:
+        """Ids worth comparing with a mistyped one: all of a small registry; in a large one (a server with
+        thousands of adapters answers unknown ids too) only those of the closest domains, narrowed to the
+        closest one and then to the same method or rank while too many, so a miss costs milliseconds."""
+        total = self.db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+        parts = parse_adapter_id(adapter_id)
+        if total <= small or parts is None:
+            return self.adapter_ids() if total <= small else []
+        key, method, rank, _ = parts
+        keys = [r[0] for r in self.db.execute("SELECT DISTINCT domain_key FROM adapters").fetchall()]
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        marks = ", ".join("?" for _ in close)
+        rows = self.db.execute(
+            f"SELECT id, domain_key, method, rank FROM adapters WHERE domain_key IN ({marks})", close
+        ).fetchall()
+        if len(rows) > small:  # the closest domain only
+            rows = [r for r in rows if r[1] == close[0]]
+        if len(rows) > small:  # and of those, one typo away in method or rank
+            rows = [r for r in rows if r[2] == method or r[3] == rank]
+        return [r[0] for r in rows[: small * 2]]
 
     def has_adapter(self, adapter_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone() is not None

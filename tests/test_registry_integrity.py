@@ -347,3 +347,36 @@ def test_eight_processes_registering_one_folder_make_one_row(workspace_with_base
     assert [(r[0], r[2]) for r in rows] == [("verfahren-lora-r4-v1", hashing.adapter_checksum(source))]
     assert [p.name for p in (ws.adapters_dir / "verfahren").iterdir()] == ["lora-r4-v1"]
     assert not [p for p in ws.tmp_dir.iterdir() if p.name.startswith("copy-")]
+
+
+def test_suggestions_in_a_large_registry_compare_only_the_closest_domains(workspace):
+    """A server with thousands of adapters answers unknown ids too: the hint still finds the right id while
+    comparing only ids of the closest domains."""
+    from clara_core.records import adapter_row
+
+    rows = [
+        adapter_row(
+            {
+                "id": f"{domain}-lora-r{rank}-v{version}",
+                "kind": "adapter",
+                "domain": [domain],
+                "domain_key": domain,
+                "method": "lora",
+                "rank": rank,
+                "base_model_hash": "b" * 64,
+                "created": "2026-01-01T00:00:00Z",
+                "path": f"models/adapters/{domain}/lora-r{rank}-v{version}",
+                "status": "ready",
+                "version": version,
+            }
+        )
+        for domain in [f"amt{n}" for n in range(60)] + ["steuerrecht"]
+        for rank in (4, 8)
+        for version in range(1, 26)
+    ]
+    with Registry.open(workspace.registry_path) as registry:
+        registry.db["adapters"].insert_all(rows)
+        candidates = registry._suggestion_candidates("steuerrech-lora-r4-v3")
+        assert len(candidates) == 50 and all(c.startswith("steuerrecht-") for c in candidates)
+        with pytest.raises(Exception, match=r"did you mean steuerrecht-lora-r4-v3\b"):
+            registry.get_adapter("steuerrech-lora-r4-v3")
