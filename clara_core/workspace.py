@@ -29,49 +29,32 @@ from typing import IO
 
 import attrs
 
-from .errors import InvalidInput, WorkspaceNotFound
+from .errors import WorkspaceNotFound
+from .naming import (
+    adapter_folder_name,
+    domain_key,
+    make_adapter_id,
+    normalise_domain,
+    validate_adapter_id,
+)
+from .registry import Registry
+
+__all__ = [
+    "REGISTRY_FILE",
+    "Workspace",
+    # The naming rules live in clara_core.naming; these names stay importable from here for plugins.
+    "domain_key",
+    "make_adapter_id",
+    "normalise_domain",
+    "validate_adapter_id",
+]
 
 REGISTRY_FILE = Path("metadata") / "registry.db"
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-
-
-def validate_adapter_id(value: str) -> str:
-    """An adapter id: ``[a-z0-9._-]`` only, no ``..``, no path separators."""
-    if not value or not _ID_RE.match(value) or ".." in value or len(value) > 200:
-        raise InvalidInput(
-            f"invalid adapter id {value!r}: ids use only a-z, 0-9, '.', '_' and '-' "
-            "(like steuerrecht-lora-r16-v1) and never contain '/' or '..'"
-        )
-    return value
-
-
-def normalise_domain(value: str) -> str:
-    domain = value.strip().lower()
-    for umlaut, plain in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
-        domain = domain.replace(umlaut, plain)
-    domain = domain.replace("-", "_").replace(" ", "_")
-    if not _DOMAIN_RE.match(domain) or len(domain) > 64:
-        raise InvalidInput(f"invalid domain {value!r}: use letters, digits and '_' (like steuerrecht)")
-    return domain
-
-
-def domain_key(domains: list[str]) -> str:
-    """The domain part of an adapter id: one domain, or several joined with '.'."""
-    return ".".join(domains)
-
-
-def make_adapter_id(domains: list[str], method: str, rank: int, version: int) -> str:
-    return validate_adapter_id(f"{domain_key(domains)}-{method}-r{rank}-v{version}")
 
 
 @attrs.frozen
 class Workspace:
     root: Path = attrs.field(converter=lambda p: Path(p).expanduser().resolve())
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
 
     @property
     def base_dir(self) -> Path:
@@ -99,7 +82,7 @@ class Workspace:
         return self.root / "metadata" / "tmp"
 
     def adapter_dir(self, domains: list[str], method: str, rank: int, version: int) -> Path:
-        return self.adapters_dir / domain_key(domains) / f"{method}-r{rank}-v{version}"
+        return self.adapters_dir / domain_key(domains) / adapter_folder_name(method, rank, version)
 
     def relative(self, path: Path) -> str:
         """A path as stored in the registry: relative to the workspace when inside it, else absolute."""
@@ -132,8 +115,6 @@ class Workspace:
             workspace.metadata_dir,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-        from .registry import Registry
-
         Registry.open(workspace.registry_path, create=True).close()
         return workspace, created
 

@@ -10,8 +10,8 @@ import click
 from ..errors import Conflict
 from ..fileio import copy_folder
 from ..hashing import folder_size, read_model_config
+from ..naming import normalise_base_name
 from ..output import echo_json, echo_table, human_size, short_hash
-from ..registry import normalise_base_name
 
 
 @click.group()
