@@ -18,6 +18,7 @@ from clara_core.plugins import PluginManager
 from clara_core.types import (
     Engine,
     EngineImpl,
+    EngineOptions,
     Exporter,
     MergeStrategy,
     Option,
@@ -95,9 +96,11 @@ def test_register_engines_is_collected_and_factory_is_lazy(plugin_manager):
     plugin_manager.register(make_plugin(register_engines=register_engines), name="fake")
     engine = plugin_manager.engine("FAKE")
     assert built == []  # registering builds nothing
-    instance = engine.create("base", "opts")
+    options = EngineOptions(max_loaded=2)
+    instance = engine.create("base", options)
     assert isinstance(instance, FakeEngine)
-    assert built == [("base", "opts")]
+    assert built == [("base", options)]
+    assert engine.registered_by == "plugin 'fake' (fake unknown)"
 
 
 def test_register_exporters_is_collected(plugin_manager):

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ClaraError, InvalidInput
 from ..registry import AdapterRecord, BaseRecord
-from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouterImpl
+from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouteRequest, RouterImpl
 from .adapters import AdapterManager
 from .admission import Admission
 from .errors import PayloadTooLarge, Unauthorized, error_body
@@ -212,7 +212,7 @@ class ServerState:
                 raise InvalidInput(
                     "adapter 'auto' needs a router: start the server with --router NAME (see 'clara plugins')"
                 )
-            decision = await asyncio.to_thread(self.router.route, prompt)
+            decision = await asyncio.to_thread(self.router.route, RouteRequest(prompt=prompt))
             return Selection(decision.adapter_id, "routed", float(decision.score), dict(decision.scores))
         if self.is_base_name(requested):
             return Selection(None, "named")
