@@ -52,6 +52,16 @@ PLUGINS = ROOT / "plugins"
 PLUGIN_DIRS = sorted(p for p in PLUGINS.iterdir() if (p / "pyproject.toml").is_file())
 
 
+@pytest.fixture(autouse=True)
+def _no_process_wide_manager():
+    """CONTRIBUTING's rule: tests build a fresh plugin manager; none may create or swap the process-wide one."""
+    import clara_core.plugins
+
+    before = clara_core.plugins._manager
+    yield
+    assert clara_core.plugins._manager is before, "a test used the process-wide plugin manager"
+
+
 # -- what a plugin may import ------------------------------------------------------------------------------------
 
 

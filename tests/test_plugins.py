@@ -34,6 +34,16 @@ HOOK_NAMES = sorted(
 )
 
 
+@pytest.fixture(autouse=True)
+def _no_process_wide_manager():
+    """CONTRIBUTING's rule: tests build a fresh plugin manager; none may create or swap the process-wide one."""
+    import clara_core.plugins
+
+    before = clara_core.plugins._manager
+    yield
+    assert clara_core.plugins._manager is before, "a test used the process-wide plugin manager"
+
+
 def make_plugin(**hooks):
     """A plugin object whose attributes are hook implementations."""
     namespace = {name: staticmethod(hookimpl(fn)) for name, fn in hooks.items()}
