@@ -143,6 +143,10 @@ class PluginManager:
             seen.add(ep.name)
             if self._only is not None and ep.name not in self._only and dist_name not in self._only:
                 continue
+            mismatch = core_version_mismatch(ep.dist)
+            if mismatch:
+                self.warnings.append(f"plugin '{ep.name}' ({dist_name} {version}) is skipped: {mismatch}")
+                continue
             try:
                 module = ep.load()
             except Exception as exc:
@@ -338,6 +342,38 @@ def _describe(exc: BaseException) -> str:
     """``Type: first line of the message`` (just ``Type`` when there is no message)."""
     name, line = type(exc).__name__, first_line(exc)
     return name if line == name else f"{name}: {line}"
+
+
+def core_version_mismatch(dist: importlib.metadata.Distribution | None) -> str | None:
+    """Why ``dist`` cannot run on this clara-core: the range it pins (``Requires-Dist: clara-core>=0.1,<0.2``)
+    excludes the running version. ``None`` when it fits, pins nothing, or cannot be told.
+
+    pip enforces the pin at install time, but not for plugins installed with ``--no-deps`` (the vLLM plugin on
+    machines without CUDA) or copied onto the path; this check makes the pin hold at load time too.
+    """
+    if dist is None:
+        return None
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.utils import canonicalize_name
+    except ImportError:  # pragma: no cover - packaging comes with every pip-managed environment
+        return None
+    core = _version("clara-core")
+    if core == "unknown":
+        return None
+    for line in dist.requires or []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(requirement.name) != "clara-core" or requirement.marker is not None:
+            continue
+        if requirement.specifier and not requirement.specifier.contains(core, prereleases=True):
+            return (
+                f"it works with clara-core{requirement.specifier}, this is clara-core {core}; install a version "
+                f"of the plugin made for clara-core {core}"
+            )
+    return None
 
 
 def _version(distribution: str) -> str:

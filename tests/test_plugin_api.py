@@ -644,3 +644,37 @@ def test_clara_serve_hands_the_engine_the_largest_rank_of_the_served_bases_adapt
 
     assert serve_options().max_adapter_rank == 24
     assert "registry_path" not in attrs.fields_dict(EngineOptions)
+
+
+# -- the pin holds at load time too ------------------------------------------------------------------------------
+
+
+def test_an_installed_plugin_whose_core_range_excludes_this_core_is_skipped_with_a_warning(
+    tmp_path, monkeypatch
+):
+    site = tmp_path / "site"
+    site.mkdir()
+    for dist, module, pin in [
+        ("clara-plugin-future", "clara_test_future", "clara-core>=9.0,<10"),
+        ("clara-plugin-fits", "clara_test_fits", f"clara-core>={clara_core.__version__},<99"),
+    ]:
+        (site / f"{module}.py").write_text(
+            "from clara_core.plugin_api import Router, hookimpl\n\n"
+            "@hookimpl\n"
+            "def register_routers(register):\n"
+            f"    register(Router('{module[len('clara_test_') :]}', object))\n"
+        )
+        info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\nRequires-Dist: {pin}\n"
+        )
+        (info / "entry_points.txt").write_text(f"[clara]\n{module} = {module}\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("CLARA_LOAD_PLUGINS", "clara_test_future,clara_test_fits")
+    manager = PluginManager.from_environment()
+    assert list(manager.routers()) == ["fits"]
+    (warning,) = manager.warnings
+    assert "plugin 'clara_test_future' (clara-plugin-future 1.0) is skipped" in warning
+    assert f"works with clara-core<10,>=9.0, this is clara-core {clara_core.__version__}" in warning
+    assert "clara_test_future" not in sys.modules  # not even imported
