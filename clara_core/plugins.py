@@ -2,10 +2,11 @@
 
 Plugins are modules behind entry points of the group ``clara``; they load on first use, not at import.
 ``CLARA_LOAD_PLUGINS=a,b`` limits which installed plugins load (entry-point or distribution names; an empty
-value loads none; a name that matches no installed plugin is an error that lists the installed ones). A plugin whose import fails is reported as a warning and the rest of clara keeps working.
-Two plugins registering the same name is an error that names both distributions. Each registration
-collected here carries ``registered_by`` (plugin, distribution, version), so that its ``create()`` can name the
-plugin when the implementation it builds is not what the kind promises.
+value loads none; a name that matches no installed plugin is an error that lists the installed ones). A plugin
+whose import fails, or whose pinned ``clara-core`` range excludes this core, is reported as a warning and the
+rest of clara keeps working. Two plugins registering the same name is an error that names both distributions.
+Each registration collected here carries ``registered_by`` (plugin, distribution, version), so that its
+``create()`` can name the plugin when the implementation it builds is not what the kind promises.
 
 Tests build a fresh :class:`PluginManager` and register fake plugins into it; nothing global needs undoing.
 """
