@@ -1,8 +1,7 @@
 """The plugin API: every hook clara calls.
 
 A plugin is a module with functions marked ``@hookimpl`` (from :mod:`clara_core.plugin_api`) whose names match
-the hooks below, made
-known to clara by an entry point in the group ``clara``::
+the hooks below, made known to clara by an entry point in the group ``clara``::
 
     # pyproject.toml of clara-plugin-example
     [project.entry-points.clara]
