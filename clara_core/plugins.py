@@ -220,7 +220,7 @@ class PluginManager:
                 if not isinstance(item, cls):
                     raise PluginError(
                         f"plugin '{_plugin}' registered {item!r} from {hook_name}; "
-                        f"expected a clara_core.types.{cls.__name__}"
+                        f"expected a clara_core.plugin_api.{cls.__name__}"
                     )
                 if item.name in collected:
                     first = collected[item.name][1]

@@ -238,7 +238,7 @@ def test_registering_the_wrong_type_is_an_error(plugin_manager):
         register(TrainerMethod("lora", object))
 
     plugin_manager.register(make_plugin(register_engines=register_engines), name="confused")
-    with pytest.raises(PluginError, match="expected a clara_core.types.Engine"):
+    with pytest.raises(PluginError, match="expected a clara_core.plugin_api.Engine"):
         plugin_manager.engines()
 
 
