@@ -72,6 +72,14 @@ def _registry_lookup(
     return lookup, list_all
 
 
+def max_rank(adapter: AdapterRecord) -> int:
+    """The adapter's largest LoRA rank: ``r``, or a larger per-module ``rank_pattern`` value."""
+    config = adapter.peft_config or {}
+    pattern = config.get("rank_pattern") or {}
+    values = pattern.values() if isinstance(pattern, Mapping) else ()
+    return max([int(config.get("r") or adapter.rank or 0), *(int(v) for v in values if isinstance(v, int))])
+
+
 def load_router(plugins: PluginManager, name: str, workspace: Workspace) -> RouterImpl:
     registration = plugins.router(name)
     router = registration.create()
@@ -114,6 +122,7 @@ def prepare(
             )
         for adapter_id in settings.preload:
             check_adapter_for_base(registry.get_adapter(adapter_id), base)
+        ranks = [max_rank(a) for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
     router = load_router(plugins, settings.router_name, workspace) if settings.router_name else None
     engine = registration.create(
         base,
@@ -121,7 +130,7 @@ def prepare(
             max_loaded=settings.max_loaded,
             max_queue=settings.max_queue,
             extra=extra,
-            registry_path=workspace.registry_path,
+            max_adapter_rank=max(ranks, default=None),
         ),
     )
     lookup, list_all = _registry_lookup(workspace.registry_path)
