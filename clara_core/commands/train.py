@@ -58,17 +58,19 @@ def _method_params(ctx: click.Context, taken: set[str | None]) -> list[click.Par
                 by_name[option.name] = (option, [method_name])
     params: list[click.Parameter] = []
     for name, (option, owners) in by_name.items():
-        flag = option.flag
         label = f"[{', '.join(owners)}] "
-        default_text = f" (default: {option.default})" if option.default is not None else ""
-        help_text = label + (option.help or "") + default_text
         dest = _METHOD_OPTION_PREFIX + name
-        if option.type is bool:
-            params.append(click.Option([f"{flag}/--no-{flag[2:]}", dest], default=None, help=help_text))
-        elif option.choices:
-            params.append(click.Option([flag, dest], type=click.Choice(list(option.choices)), help=help_text))
-        else:
-            params.append(click.Option([flag, dest], type=option.type, help=help_text))
+        declared = [methods[m].options for m in owners]
+        alike = all(
+            (o.type, o.choices) == (option.type, option.choices)
+            for opts in declared
+            for o in opts
+            if o.name == name
+        )
+        if alike:
+            params.append(option.click_option(dest, help_prefix=label))
+        else:  # two methods declare the name differently: the chosen method's Option converts the text later
+            params.append(click.Option([option.flag, dest], type=str, help=label + (option.help or "")))
     return params
 
 

@@ -39,7 +39,7 @@ from ..registry import (
     dataset_ref,
     normalise_base_name,
 )
-from ..types import TrainerMethod, TrainerMethodImpl
+from ..types import OptionValueError, TrainerMethod, TrainerMethodImpl
 from ..workspace import Workspace, domain_key
 from . import data as data_mod
 from .config import TrainConfig, micro_batch_plan, run_key
@@ -115,10 +115,10 @@ def method_options(registration: TrainerMethod, given: dict[str, Any]) -> dict[s
         )
     options = {name: option.default for name, option in declared.items()}
     for name, value in given.items():
-        option = declared[name]
-        if option.type is int and isinstance(value, str):
-            value = int(value)
-        options[name] = value
+        try:
+            options[name] = declared[name].convert(value)
+        except OptionValueError as exc:
+            raise InvalidInput(f"{exc} (method '{registration.name}')") from None
     return options
 
 
