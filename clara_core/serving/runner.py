@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_adapter_for_base
-from ..errors import ClaraError, InvalidInput
+from ..errors import ClaraError, InvalidInput, first_line
 from ..plugins import PluginManager
 from ..registry import AdapterRecord, Registry
 from ..types import EngineOptions, Option, OptionValueError, RouterImpl
@@ -152,10 +152,9 @@ async def serve(
     except ClaraError:
         raise
     except Exception as exc:  # a broken model folder, out of memory, ...: one line, not a traceback
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ClaraError(
             f"engine '{state.settings.engine_name}' could not load base '{state.base.name}' "
-            f"({state.base.path}): {type(exc).__name__}: {detail}"
+            f"({state.base.path}): {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     try:
         for adapter_id in state.settings.preload:
