@@ -83,10 +83,9 @@ def clear_stale_staging(workspace: Workspace) -> None:
             continue
 
 
-def check_initialisation(peft_model: Any, method: str) -> str | None:
+def check_initialisation(config: Any, method: str) -> str | None:
     """The base-changing initialisation the method's PEFT config asks for (``None`` when it leaves the base
-    alone); one that clara cannot convert back to a plain LoRA is refused here, before training."""
-    config = peft_model.peft_config["default"]
+    alone); one that clara cannot convert back to a plain LoRA is refused here, before the base is wrapped."""
     init = getattr(config, "init_lora_weights", True)
     kind = base_changing_init(init)
     if kind is None:

@@ -248,7 +248,9 @@ def _checkpoint_failure(exc: BaseException, run_dir: Path) -> ClaraError | None:
     )
 
 
-def _build_model(plan: RunPlan) -> tuple[Any, list[str]]:
+def _build_model(plan: RunPlan) -> tuple[Any, list[str], str | None]:
+    """The base loaded the method's way and wrapped with its PEFT config; also the base-changing
+    initialisation the config asks for, if any (refused here when clara cannot convert it)."""
     import torch
     from peft import get_peft_model
     from transformers import set_seed
@@ -264,6 +266,7 @@ def _build_model(plan: RunPlan) -> tuple[Any, list[str]]:
     model = impl.prepare(model, spec)
     target_modules = resolve_target_modules(model, plan.config.target_modules)
     peft_config = impl.peft_config(model, spec, target_modules)
+    base_changing = check_initialisation(peft_config, plan.config.method)
     set_seed(
         plan.config.seed
     )  # the adapter's initial weights depend on the seed only, not on how the base was loaded
@@ -273,7 +276,7 @@ def _build_model(plan: RunPlan) -> tuple[Any, list[str]]:
         plan.recorded["base_quantization"] = jsonable(
             quantization.to_dict() if hasattr(quantization, "to_dict") else quantization
         )
-    return peft_model, target_modules
+    return peft_model, target_modules, base_changing
 
 
 def train_adapter(
@@ -322,9 +325,9 @@ def _train(
     config = plan.config
     with _run_folder(plan.run_dir) if dist.main else nullcontext():
         resume_from = _start_or_resume(plan, say, dist.main)
-        peft_model, target_modules = _build_model(plan)
+        peft_model, target_modules, base_changing = _build_model(plan)
         initial: Path | None = None
-        if check_initialisation(peft_model, config.method) is not None and dist.main:
+        if base_changing is not None and dist.main:
             clear_stale_staging(workspace)
             initial = snapshot_initial_adapter(peft_model, staging_root(workspace, plan) / "initial")
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
