@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -56,21 +57,37 @@ def normalise_name(value: str) -> str:
 
 
 _OPTION_TYPES = (str, int, float, bool)
+#: How a message names each option type ("must be a whole number", never "must be a int").
+_TYPE_WORDS: dict[builtins.type, str] = {
+    str: "text",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class OptionValueError(ValueError):
+    """A value an :class:`Option` refuses; the message is one line naming the option and what it allows."""
 
 
 @attrs.frozen
 class Option:
-    """An option an implementation accepts, turned into a command-line flag by the command that uses it.
+    """An option an implementation accepts; it parses, checks and converts its own values.
 
-    ``name`` is the Python name (``majority_sign``); the flag is ``--majority-sign``. The value reaches the
-    implementation in its ``options`` mapping under ``name``.
+    ``name`` is the Python name (``majority_sign``); the flag is ``--majority-sign`` and the engine form
+    ``-o majority_sign=VALUE``. The value reaches the implementation in its ``options`` mapping under ``name``,
+    converted to ``type``. ``choices`` are held in ``type`` too (``Option("bits", int, 4, choices=(4, 8))``;
+    strings such as ``("4", "8")`` are converted). Every command builds its flags with :meth:`click_option`
+    and converts values with :meth:`convert`, so there is one parser for all of them.
     """
 
     name: str = attrs.field(converter=lambda v: normalise_name(v).replace("-", "_").replace(".", "_"))
     type: builtins.type = attrs.field(default=str)
     default: Any = None
     help: str = ""
-    choices: tuple[str, ...] | None = attrs.field(
+    choices: tuple[Any, ...] | None = attrs.field(
         default=None, converter=lambda v: None if v is None else tuple(v)
     )
     multiple: bool = False
@@ -80,9 +97,139 @@ class Option:
         if value not in _OPTION_TYPES:
             raise ValueError(f"option {self.name!r}: type must be one of str, int, float, bool")
 
+    def __attrs_post_init__(self) -> None:
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError(f"option {self.name!r}: choices must not be empty")
+            try:
+                typed = tuple(self._parse(c, self.flag) for c in self.choices)
+            except OptionValueError as exc:
+                raise ValueError(f"option {self.name!r}: choices must be {self.type_word}: {exc}") from None
+            object.__setattr__(self, "choices", typed)
+        if self.default is not None:
+            try:
+                object.__setattr__(self, "default", self.convert(self.default))
+            except OptionValueError as exc:
+                raise ValueError(f"option {self.name!r}: its default is refused: {exc}") from None
+
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def type_word(self) -> str:
+        """What a value must be, in words: ``a whole number``, ``a number``, ``true or false``, ``text``."""
+        return _TYPE_WORDS[self.type]
+
+    def allowed(self) -> str:
+        """What the option accepts, for messages and help: ``4 or 8``, ``a whole number``."""
+        if self.choices:
+            shown = [str(c) for c in self.choices]
+            return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+        return self.type_word
+
+    def convert(self, raw: Any, label: str | None = None) -> Any:
+        """``raw`` (a string from a command line, or an already typed value) as ``type``, checked against
+        ``choices``. A refused value raises :class:`OptionValueError` with one line that starts with ``label``
+        (default: the flag) and says what is allowed."""
+        label = self.flag if label is None else label
+        value = self._parse(raw, label)
+        if self.choices is not None and value not in self.choices:
+            raise OptionValueError(f"{label} must be {self.allowed()}, got {_show(raw)}".lstrip())
+        return value
+
+    def _parse(self, raw: Any, label: str) -> Any:
+        wanted = f"{label} must be {self.type_word}, got {_show(raw)}".lstrip()
+        if self.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise OptionValueError(
+                f"{label} must be true or false (also 1/0, yes/no, on/off), got {_show(raw)}".lstrip()
+            )
+        if isinstance(raw, bool):  # True is an int to Python, but not a value of a number option
+            raise OptionValueError(wanted)
+        if self.type is str:
+            if not isinstance(raw, str):
+                raise OptionValueError(wanted)
+            return raw
+        if self.type is int:
+            if isinstance(raw, int):
+                return raw
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            if isinstance(raw, str):
+                try:
+                    return int(raw.strip())
+                except ValueError:
+                    pass
+            raise OptionValueError(wanted)
+        # float
+        if isinstance(raw, (int, float)):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise OptionValueError(wanted) from None
+        else:
+            raise OptionValueError(wanted)
+        if not math.isfinite(value):
+            raise OptionValueError(f"{label} must be a finite number, got {_show(raw)}".lstrip())
+        return value
+
+    def click_type(self) -> Any:
+        """A ``click.ParamType`` that converts with :meth:`convert`; a refused value is click's usual one-line
+        usage error (exit 2)."""
+        import click
+
+        option = self
+
+        class OptionType(click.ParamType):
+            name = option.type.__name__ if option.type is not str else "text"
+
+            def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+                try:
+                    # click names the flag itself: "Invalid value for '--bits': must be 4 or 8, got 5"
+                    return option.convert(value, label="")
+                except OptionValueError as exc:
+                    self.fail(str(exc), param, ctx)
+
+            def get_metavar(self, param: Any, ctx: Any = None) -> str | None:
+                if option.choices:
+                    return "[" + "|".join(str(c) for c in option.choices) + "]"
+                return None
+
+        return OptionType()
+
+    def click_option(self, dest: str | None = None, *, help_prefix: str = "") -> Any:
+        """The ``click.Option`` for this option: ``--name VALUE``, or ``--name/--no-name`` for a bool.
+
+        The default is left to the implementation's options mapping (click's default is ``None``, meaning "not
+        given"), and shown in the help.
+        """
+        import click
+
+        default_text = f" (default: {_show(self.default)})" if self.default is not None else ""
+        help_text = help_prefix + (self.help or "") + default_text
+        decls = [f"{self.flag}/--no-{self.flag[2:]}" if self.type is bool else self.flag]
+        if dest is not None:
+            decls.append(dest)
+        if self.type is bool:
+            return click.Option(decls, default=None, help=help_text)
+        return click.Option(decls, type=self.click_type(), default=None, help=help_text)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.strip() == value and " " not in value else repr(value)
+    return str(value)
 
 
 def _options(value: Sequence[Option]) -> tuple[Option, ...]:

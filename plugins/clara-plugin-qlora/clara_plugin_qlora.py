@@ -94,7 +94,7 @@ def register_trainer_methods(register):
             QLoraMethod,
             "LoRA on a 4-bit NF4 (double quantisation) or 8-bit base via bitsandbytes",
             options=[
-                Option("bits", int, 4, "Quantise the base to 4 (NF4) or 8 bits.", choices=("4", "8")),
+                Option("bits", int, 4, "Quantise the base to 4 (NF4) or 8 bits.", choices=(4, 8)),
                 Option("quant_type", str, "nf4", "4-bit data type.", choices=("nf4", "fp4")),
                 Option(
                     "gradient_checkpointing",
