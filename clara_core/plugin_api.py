@@ -43,6 +43,7 @@ from .errors import (
 from .fileio import write_json_atomic, write_text_atomic
 from .hashing import adapter_checksum, base_model_hash, read_adapter_config
 from .hookspecs import hookimpl
+from .naming import validate_adapter_id
 from .records import AdapterRecord, BaseRecord
 from .registry import Registry
 from .training.methods import linear_module_names, load_causal_lm, lora_config, resolve_target_modules
@@ -74,7 +75,7 @@ from .types import (
     TrainerMethod,
     TrainerMethodImpl,
 )
-from .workspace import Workspace, validate_adapter_id
+from .workspace import Workspace
 
 
 def find_registry_path(start: Path | None = None) -> Path:
