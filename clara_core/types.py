@@ -9,8 +9,20 @@ implementation as a plain mapping, so the core never needs to know a plugin's op
 
 The factory is called lazily, only when a command needs the implementation, so that importing a plugin stays
 cheap: heavy libraries (torch, transformers, peft, vllm, llama_cpp) are imported inside the factory or the
-implementation's methods, never at a plugin module's top.
+implementation's methods, never at a plugin module's top. Each registration builds its implementation through
+its typed ``create()``, which checks that the factory returned an instance of the kind's interface
+(:class:`TrainerMethodImpl`, :class:`MergeStrategyImpl`, :class:`EngineImpl`, :class:`ExporterImpl`,
+:class:`RouterImpl`) and otherwise raises a :class:`~clara_core.errors.PluginError` naming the plugin.
 
+**Request objects.** Every call into an implementation that may need more information later takes one
+request object, not a list of positional arguments: :class:`GenerationRequest` for engines,
+:class:`ModuleMergeRequest` and :class:`MergeCheckRequest` for merge strategies, :class:`ExportRequest` for
+exporters, :class:`RouterFitRequest` and :class:`RouteRequest` for routers (:class:`AdapterSpec` and
+:class:`EngineOptions` play the same part for trainer methods and engine factories). Requests are built by
+the core with keyword arguments; new fields get defaults, so old plugins keep working when a request grows:
+a plugin reads the fields it knows and ignores the rest. Plugins never build requests except in their tests.
+
+Plugins import all of this from :mod:`clara_core.plugin_api`, the one module whose names are promised to them.
 This module imports nothing heavy either; tensors and models appear in annotations only.
 """
 
@@ -25,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+
+from .errors import ClaraError, PluginError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from .records import AdapterRecord, BaseRecord
@@ -235,18 +249,39 @@ class Registration:
 
     #: What a user types (``--method dora``, ``--engine vllm``), normalised to lower case.
     name: str = attrs.field(converter=normalise_name)
-    #: Called with no arguments (or with the documented ones for engines) to build the implementation.
+    #: Called by :meth:`create` (with no arguments, or with the documented ones for engines) to build the
+    #: implementation.
     factory: Callable[..., Any] = attrs.field(validator=attrs.validators.is_callable())
     #: One line for ``clara plugins`` and ``--help``.
     description: str = ""
     #: Implementation-specific options; the core turns them into flags and passes their values through.
     options: tuple[Option, ...] = attrs.field(default=(), converter=_options)
+    #: Who registered it (``plugin 'lora' (clara-plugin-lora 0.1.0)``), filled in by the plugin manager when
+    #: it collects the registration; used in error messages. Plugins leave it empty.
+    registered_by: str = attrs.field(default="", kw_only=True, eq=False)
 
     #: Human name of the kind, used in messages ("unknown engine 'x'").
     kind: ClassVar[str] = "plugin"
 
-    def create(self, *args: Any, **kwargs: Any) -> Any:
-        return self.factory(*args, **kwargs)
+    def _build(self, expected: type[Any], *args: Any) -> Any:
+        """Call the factory and check that it built an ``expected``; name the plugin when it did not."""
+        origin = self.registered_by or "a plugin"
+        try:
+            impl = self.factory(*args)
+        except ClaraError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{self.kind} '{self.name}' from {origin} could not be built: {type(exc).__name__}: "
+                f"{first_line(exc)}; report it to the plugin's authors"
+            ) from exc
+        if not isinstance(impl, expected):
+            raise PluginError(
+                f"{self.kind} '{self.name}' from {origin} is broken: its factory returned "
+                f"{type(impl).__module__}.{type(impl).__qualname__}, not a {expected.__name__} "
+                f"(clara_core.plugin_api.{expected.__name__}); report it to the plugin's authors"
+            )
+        return impl
 
 
 @attrs.frozen
@@ -255,12 +290,20 @@ class TrainerMethod(Registration):
 
     kind: ClassVar[str] = "trainer method"
 
+    def create(self) -> TrainerMethodImpl:
+        """``factory()``, checked to be a :class:`TrainerMethodImpl`."""
+        return self._build(TrainerMethodImpl)
+
 
 @attrs.frozen
 class MergeStrategy(Registration):
     """A way to combine several adapters into one composite."""
 
     kind: ClassVar[str] = "merge strategy"
+
+    def create(self) -> MergeStrategyImpl:
+        """``factory()``, checked to be a :class:`MergeStrategyImpl`."""
+        return self._build(MergeStrategyImpl)
 
 
 @attrs.frozen
@@ -269,6 +312,10 @@ class Engine(Registration):
 
     kind: ClassVar[str] = "engine"
 
+    def create(self, base: BaseRecord, options: EngineOptions) -> EngineImpl:
+        """``factory(base, options)``, checked to be an :class:`EngineImpl` (the base is not loaded yet)."""
+        return self._build(EngineImpl, base, options)
+
 
 @attrs.frozen
 class Exporter(Registration):
@@ -276,12 +323,20 @@ class Exporter(Registration):
 
     kind: ClassVar[str] = "exporter"
 
+    def create(self) -> ExporterImpl:
+        """``factory()``, checked to be an :class:`ExporterImpl`."""
+        return self._build(ExporterImpl)
+
 
 @attrs.frozen
 class Router(Registration):
     """A router: picks the adapter for a prompt."""
 
     kind: ClassVar[str] = "router"
+
+    def create(self) -> RouterImpl:
+        """``factory()``, checked to be a :class:`RouterImpl`."""
+        return self._build(RouterImpl)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,30 +428,51 @@ class MergedModule:
     dense_delta: Any = None
 
 
+@attrs.frozen(kw_only=True)
+class MergeCheckRequest:
+    """What :meth:`MergeStrategyImpl.check` gets before any tensor is read.
+
+    ``weights``: the user's weight per component, in the components' order; ``options``: the strategy's own
+    declared options by name, defaults filled in. New fields get defaults (see the module docstring).
+    """
+
+    weights: Sequence[float]
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class ModuleMergeRequest:
+    """What :meth:`MergeStrategyImpl.merge_module` gets for one target module of the base.
+
+    ``module``: the module's name in the base (``model.layers.0.self_attn.q_proj``); ``deltas``: each
+    component's :class:`ModuleDelta` that touches the module (the union of the components' modules is
+    covered); ``weights``: the user's weights in the same order as ``deltas``; ``base_weight``: the module's
+    dense base weight (needed for DoRA and for sequential application; ``None`` where the core did not load
+    it); ``options``: the strategy's own declared options by name. New fields get defaults.
+    """
+
+    module: str
+    deltas: Sequence[ModuleDelta]
+    weights: Sequence[float]
+    base_weight: Any = None
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
 class MergeStrategyImpl(abc.ABC):
     """What a merge strategy provides.
 
-    ``merge_module`` is called once per target module with each component's :class:`ModuleDelta` that touches
-    the module (the union of the components' modules is covered), the user's weights in the same order, the
-    base weight (a dense tensor; needed for DoRA and for sequential application), and the strategy's own
-    declared options.
+    :meth:`merge_module` is called once per target module with a :class:`ModuleMergeRequest`; :meth:`check`
+    once before, with a :class:`MergeCheckRequest`.
     """
 
     #: True where the order of the components changes the result (``sequential``).
     order_sensitive: bool = False
 
-    def check(self, weights: Sequence[float], options: Mapping[str, Any]) -> None:  # noqa: B027
-        """Refuse unusable weights or options before any tensor is read."""
+    def check(self, request: MergeCheckRequest) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Refuse unusable weights or options before any tensor is read (raise a ``ClaraError``)."""
 
     @abc.abstractmethod
-    def merge_module(
-        self,
-        module: str,
-        deltas: Sequence[ModuleDelta],
-        weights: Sequence[float],
-        base_weight: Any,
-        options: Mapping[str, Any],
-    ) -> MergedModule:
+    def merge_module(self, request: ModuleMergeRequest) -> MergedModule:
         """Combine the components' deltas for one module."""
 
 
@@ -466,20 +542,21 @@ class EngineOptions:
     ``max_loaded``: adapters the server keeps loaded at once (it evicts the least recently used idle one
     before loading another, so an engine never sees more); ``max_queue``: requests the server admits at once.
     ``extra`` holds the values of the options declared on the :class:`Engine` registration (``clara serve
-    -o name=value``), already converted to their declared types, defaults filled in. ``registry_path`` is the
-    served workspace's registry, for engines that size themselves from what is registered (vLLM's
-    ``max_lora_rank`` from the adapters' ranks); engines only read it.
+    -o name=value``), already converted to their declared types, defaults filled in. ``max_adapter_rank``:
+    the largest LoRA rank (``r`` or any ``rank_pattern`` value) among the registry's adapters for the served
+    base, ``None`` when none is registered; engines that size buffers ahead of time (vLLM's
+    ``max_lora_rank``) read it instead of looking for a registry themselves. New fields get defaults.
     """
 
     max_loaded: int = 8
     max_queue: int = 64
     #: Engine-specific options declared on the registration (``max_lora_rank`` for vLLM, ...).
     extra: dict[str, Any] = attrs.field(factory=dict)
-    registry_path: Path | None = None
+    max_adapter_rank: int | None = None
 
 
 class EngineImpl(abc.ABC):
-    """What a serving engine provides. Built by ``Engine.factory(base, options)`` with a ``BaseRecord`` and
+    """What a serving engine provides. Built by ``Engine.create(base, options)`` with a ``BaseRecord`` and
     :class:`EngineOptions`; the base is loaded once in :meth:`start` and never again for the engine's life.
 
     The server (``clara_core.serving``) owns everything engines share: the registry lookup by id, the base
@@ -548,19 +625,24 @@ class ExportResult:
     message: str = ""
 
 
+@attrs.frozen(kw_only=True)
+class ExportRequest:
+    """What :meth:`ExporterImpl.export` gets: the registered ``adapter`` and its ``base``, the ``out_dir`` to
+    write into, and the exporter's own declared ``options`` by name. New fields get defaults."""
+
+    adapter: AdapterRecord
+    base: BaseRecord
+    out_dir: Path
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
 class ExporterImpl(abc.ABC):
-    """What an exporter provides. Writes into ``out_dir`` (a fresh temporary folder that clara renames into
-    place and registers only when the export returns without error)."""
+    """What an exporter provides. Writes into ``request.out_dir`` (a fresh temporary folder that clara renames
+    into place and registers only when the export returns without error)."""
 
     @abc.abstractmethod
-    def export(
-        self,
-        adapter: AdapterRecord,
-        base: BaseRecord,
-        out_dir: Path,
-        options: Mapping[str, Any],
-    ) -> ExportResult:
-        """Write the export files into ``out_dir``."""
+    def export(self, request: ExportRequest) -> ExportResult:
+        """Write the export files into ``request.out_dir``."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,6 +659,24 @@ class RouteDecision:
     scores: dict[str, float] = attrs.field(factory=dict)
 
 
+@attrs.frozen(kw_only=True)
+class RouterFitRequest:
+    """What :meth:`RouterImpl.fit` learns from: the registered ``adapters`` to choose among, their ``base``
+    and the router's own declared ``options`` by name. New fields get defaults."""
+
+    adapters: Sequence[AdapterRecord]
+    base: BaseRecord
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class RouteRequest:
+    """One routing question: ``prompt`` is what the user wrote (the last user message of a chat, not the
+    rendered template). New fields get defaults."""
+
+    prompt: str
+
+
 class RouterImpl(abc.ABC):
     """What a router provides: fitted on registered adapters, saved beside the registry, used by the server.
 
@@ -585,12 +685,12 @@ class RouterImpl(abc.ABC):
     """
 
     @abc.abstractmethod
-    def fit(self, adapters: Sequence[AdapterRecord], base: BaseRecord, options: Mapping[str, Any]) -> None:
-        """Learn how to choose among ``adapters``."""
+    def fit(self, request: RouterFitRequest) -> None:
+        """Learn how to choose among ``request.adapters``."""
 
     @abc.abstractmethod
-    def route(self, prompt: str) -> RouteDecision:
-        """Choose the adapter for one prompt."""
+    def route(self, request: RouteRequest) -> RouteDecision:
+        """Choose the adapter for ``request.prompt``."""
 
     @abc.abstractmethod
     def save(self, state_dir: Path) -> None:

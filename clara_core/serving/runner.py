@@ -19,8 +19,9 @@ from ..plugins import PluginManager
 from ..registry import AdapterRecord, Registry
 from ..types import EngineOptions, Option, OptionValueError, RouterImpl
 from ..workspace import Workspace
-from .app import ServerState, ServeSettings, create_app
+from .app import create_app
 from .requestlog import RequestObserver
+from .state import ServerState, ServeSettings
 
 DEFAULT_ENGINE = "transformers"
 
@@ -58,6 +59,14 @@ def _registry_lookup(
     return lookup, list_all
 
 
+def max_rank(adapter: AdapterRecord) -> int:
+    """The adapter's largest LoRA rank: ``r``, or a larger per-module ``rank_pattern`` value."""
+    config = adapter.peft_config or {}
+    pattern = config.get("rank_pattern") or {}
+    values = pattern.values() if isinstance(pattern, Mapping) else ()
+    return max([int(config.get("r") or adapter.rank or 0), *(int(v) for v in values if isinstance(v, int))])
+
+
 def load_router(plugins: PluginManager, name: str, workspace: Workspace) -> RouterImpl:
     registration = plugins.router(name)
     router = registration.create()
@@ -86,6 +95,8 @@ def prepare(
         raise InvalidInput(f"--max-loaded must be at least 1, got {settings.max_loaded}")
     if settings.max_queue < 1:
         raise InvalidInput(f"--max-queue must be at least 1, got {settings.max_queue}")
+    if not 0 < settings.queue_timeout < float("inf"):
+        raise InvalidInput(f"--queue-timeout must be more than 0 seconds, got {settings.queue_timeout:g}")
     engine_name = engine_name or DEFAULT_ENGINE
     registration = plugins.engine(engine_name)
     settings.engine_name = registration.name
@@ -98,6 +109,7 @@ def prepare(
             )
         for adapter_id in settings.preload:
             check_adapter_for_base(registry.get_adapter(adapter_id), base)
+        ranks = [max_rank(a) for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
     router = load_router(plugins, settings.router_name, workspace) if settings.router_name else None
     engine = registration.create(
         base,
@@ -105,7 +117,7 @@ def prepare(
             max_loaded=settings.max_loaded,
             max_queue=settings.max_queue,
             extra=extra,
-            registry_path=workspace.registry_path,
+            max_adapter_rank=max(ranks, default=None),
         ),
     )
     lookup, list_all = _registry_lookup(workspace.registry_path)
