@@ -95,10 +95,8 @@ class ClaraGroup(click.Group):
             return super().invoke(ctx)
         except ClaraError as exc:
             raise UserError(exc) from None
-        except sqlite3.OperationalError as exc:
-            raise UserError(
-                ClaraError(f"registry error: {exc}; is another clara process holding it?")
-            ) from None
+        except sqlite3.Error as exc:  # one the registry's connection did not classify (see registry_db)
+            raise UserError(ClaraError(f"registry error: {exc}")) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing half-made was kept.", err=True)
             ctx.exit(130)

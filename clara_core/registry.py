@@ -13,7 +13,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +24,16 @@ if TYPE_CHECKING:  # sqlite_utils is imported when a registry is opened, keeping
 
     from .workspace import Workspace
 
-from . import hashing
-from .errors import Conflict, InvalidInput, NotFound, RegistryError
+from . import hashing, registry_db
+from .errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    RegistryDiskFull,
+    RegistryError,
+    RegistryLocked,
+    RegistryReadOnly,
+)
 from .naming import (
     did_you_mean,
     domain_key,
@@ -48,6 +56,7 @@ from .records import (
     parse_dataset_ref,
     utcnow,
 )
+from .registry_db import cannot_write, check_integrity, connect
 
 __all__ = [
     "AdapterDraft",
@@ -76,33 +85,37 @@ class Registry:
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Registry:
+        """Open (with ``create``: create) the registry at ``path``.
+
+        Storage faults are one-line errors of their own (see :mod:`clara_core.registry_db`): a lock held by
+        another process, a damaged or lost (zero-byte) file; a read-only folder or a full disk opens it
+        read-only, and only a write then fails, saying why."""
         from sqlite_utils import Database
 
-        path = Path(path)
-        if not path.exists() and not create:
-            raise RegistryError(f"{path}: no registry here; run 'clara init' in the workspace first")
-        try:
-            conn = sqlite3.connect(str(path), timeout=60)
-            conn.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(
-                f"{path} is not a clara registry (not an SQLite database: {exc}); "
-                "move it aside and run 'clara init' again"
-            ) from exc
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            pass  # read-only media: WAL is an optimisation, not a requirement
-        conn.execute("PRAGMA foreign_keys=ON")
+        conn = connect(Path(path), create=create)
         db = Database(conn, execute_plugins=False)
-        registry = cls(db, path)
+        registry = cls(db, conn.registry_path)
         try:
             registry._migrate()
         except BaseException:
             conn.close()
             raise
         return registry
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why this registry cannot be written (a read-only folder, a full disk), or None when it can."""
+        return getattr(self.db.conn, "read_only_reason", None)
+
+    def require_writable(self) -> None:
+        """Fail now, before any file is copied or written, when the registry cannot record the result."""
+        reason = self.read_only_reason
+        if reason is not None:
+            raise cannot_write(self.path, reason)
+
+    def check_integrity(self) -> None:
+        """A cheap structural check of the file (``PRAGMA quick_check``): raises when registry.db is damaged."""
+        check_integrity(self.db.conn)  # type: ignore[arg-type]
 
     def _migrate(self) -> None:
         from .migrations import migrations
@@ -149,14 +162,22 @@ class Registry:
         if conn.in_transaction:
             yield
             return
-        conn.execute("BEGIN IMMEDIATE")
+        self.require_writable()
+        conn.set_busy_timeout(registry_db.WRITE_TIMEOUT_S)  # type: ignore[attr-defined]
         try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                # the first error is the one to report; SQLite rolls back on its own when the connection closes
+                with suppress(sqlite3.Error, RegistryError):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+        finally:
+            conn.set_busy_timeout(registry_db.READ_TIMEOUT_S)  # type: ignore[attr-defined]
 
     def audit(self, action: str, subject: str, details: dict[str, Any] | None = None) -> None:
         try:
@@ -189,10 +210,16 @@ class Registry:
         return row[0] if row else None
 
     def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
-        with self.transaction():
-            self.db.table("file_hashes").upsert(
-                {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
-            )
+        """Best effort: the cache only saves time, so a read-only or full registry (or a lock) skips it."""
+        if self.read_only_reason is not None:
+            return
+        try:
+            with self.transaction():
+                self.db.table("file_hashes").upsert(
+                    {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
+                )
+        except (RegistryLocked, RegistryReadOnly, RegistryDiskFull):
+            pass
 
     # -- bases -------------------------------------------------------------------------------------------------
 
@@ -368,12 +395,10 @@ class Registry:
         if refuse_duplicate:  # early, before copying anything; again below under the lock
             self._refuse_duplicate(draft.adapter_checksum, draft.base_model_hash, source)
         staged: Path | None = None
+        staging = ExitStack()  # the copy's staging folder: removed (and its owner marker released) at the end
         if place == "copy":
-            workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
-            staged = workspace.tmp_dir / f"copy-{os.getpid()}-{source.name}"
-            if staged.exists():
-                shutil.rmtree(staged)
-            shutil.copytree(source, staged)
+            self.require_writable()  # before copying gigabytes that could not be recorded
+            staged = staging.enter_context(workspace.staged_copy(source))
         try:
             with self.transaction():
                 if refuse_duplicate:
@@ -431,8 +456,7 @@ class Registry:
                         os.rename(final, staged if staged is not None else source)
                     raise
         finally:
-            if staged is not None and staged.exists():
-                shutil.rmtree(staged, ignore_errors=True)
+            staging.close()
         return self.get_adapter(adapter_id)
 
     def _refuse_registered_path(self, folder: Path, workspace: Workspace) -> None:

@@ -10,7 +10,7 @@ import click
 
 from .. import hashing
 from ..compat import adapter_base_mismatches
-from ..errors import Conflict, InvalidInput
+from ..errors import Conflict, InvalidInput, RegistryEmpty
 from ..fileio import write_json_atomic
 from ..naming import did_you_mean, normalise_domain, normalise_method
 from ..output import echo_json, echo_table, human_size, short_hash
@@ -215,14 +215,27 @@ def verify_adapter(
 def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None:
     """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch.
 
+    Without ADAPTER_IDS, also notes adapter folders no registry row points to, and staging folders in
+    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add' removes those).
+
     With --rebuild, each adapter is trained again from the inputs recorded at training time (base, dataset,
     method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
     one; nothing is registered.
     """
-    with obj.registry() as registry:
+    workspace = obj.workspace()
+    try:
+        opened = Registry.open(workspace.registry_path)
+    except RegistryEmpty:  # a lost registry: say which folders it should know before failing
+        _report_unregistered(workspace, set())
+        _report_leftovers(workspace)
+        raise
+    with opened as registry:
         records = [registry.get_adapter(i) for i in adapter_ids] if adapter_ids else registry.list_adapters()
         if not records:
             click.echo("No adapters to verify.")
+            if not adapter_ids:
+                _report_unregistered(workspace, set())
+                _report_leftovers(workspace)
             return
         base_hashes: dict[str, str | None] = {}
         failures = 0
@@ -235,7 +248,8 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
             else:
                 click.echo(f"ok       {record.id}")
         if not adapter_ids:
-            _report_unregistered(obj.workspace(), {r.path.resolve() for r in registry.list_adapters()})
+            _report_unregistered(workspace, {r.path.resolve() for r in registry.list_adapters()})
+            _report_leftovers(workspace)
     if rebuild:
         failures += _rebuild(obj, records)
     if failures:
@@ -254,6 +268,17 @@ def _report_unregistered(workspace, registered: set[Path]) -> None:
                 f"'clara adapters register {workspace.relative(folder)} --domain {folder.parent.name} --in-place', "
                 "or delete it"
             )
+
+
+def _report_leftovers(workspace) -> None:
+    """Staging folders in metadata/tmp whose process died (killed during a copy or a training): reported here,
+    removed by the next command that stages files."""
+    for leftover in workspace.staging_leftovers():
+        click.echo(
+            f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging "
+            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add' removes "
+            "it, or delete it yourself"
+        )
 
 
 def _rebuild(obj, records: list[AdapterRecord]) -> int:
