@@ -348,7 +348,8 @@ class Registry:
         ).fetchone()
         return (row[0] or 0) + 1
 
-    def _refuse_taken_id(self, adapter_id: str) -> None:
+    def refuse_taken_id(self, adapter_id: str) -> None:
+        """Raise Conflict when ``adapter_id`` is registered, or was and has been removed (ids are never reused)."""
         if self.has_adapter(adapter_id):
             raise Conflict(f"adapter '{adapter_id}' is already registered; choose another version or folder")
         removed = self.removed(adapter_id)
@@ -405,7 +406,7 @@ class Registry:
                     self._refuse_duplicate(draft.adapter_checksum, draft.base_model_hash, source)
                 version = requested_version or self._next_version(key, method, draft.rank)
                 adapter_id = make_adapter_id(domains, method, draft.rank, version)
-                self._refuse_taken_id(adapter_id)
+                self.refuse_taken_id(adapter_id)
                 if place == "in_place":
                     final = Path(source).resolve()
                     self._refuse_registered_path(final, workspace)
@@ -528,6 +529,11 @@ class Registry:
             )
             self.db.table("adapters").insert(row)
             self._insert_lineage(expected, lineage)
+            self.audit(
+                "adapter.import",
+                expected,
+                {"path": row["path"], "adapter_checksum": row["adapter_checksum"], "source": where},
+            )
         return True
 
     def list_adapters(

@@ -176,6 +176,7 @@ def _export(run_cli, ws: Workspace) -> dict:
         ({"method": "lo/ra"}, "invalid method"),
         ({"domain": ["../x"]}, "invalid domain"),
         ({"seed": {"x": 1}}, "'seed' must be an integer"),
+        ({"lineage": [{"component_id": "../x"}]}, "lineage: invalid adapter id"),
     ],
 )
 def test_import_json_refuses_entries_that_reach_outside_the_adapter_folders(
@@ -238,6 +239,9 @@ def test_rm_of_an_imported_adapter_never_deletes_its_folder(
         ).exit_code
         == 0
     )
+    with Registry.open(fresh.registry_path) as registry:
+        assert registry.get_adapter("steuerrecht-lora-r4-v1").placed_by_clara is False
+        assert [e["action"] for e in registry.audit_entries("steuerrecht-lora-r4-v1")] == ["adapter.import"]
     result = run_cli("adapters", "rm", "steuerrecht-lora-r4-v1", "--yes", workspace_dir=fresh.root)
     assert result.exit_code == 0, result.output
     assert "its files stay in" in result.output and "clara did not place them" in result.output
