@@ -615,23 +615,20 @@ class Registry:
 
     def deletable_folder(self, record: AdapterRecord, workspace: Workspace) -> Path | None:
         """The folder ``adapters rm`` may delete with ``record``: only one clara placed there itself, inside the
-        workspace, holding no base, no other adapter and none of the workspace's own folders."""
+        workspace, that neither holds nor lies in a base or another adapter, and holds none of the workspace's
+        own folders."""
         if not record.placed_by_clara or not record.path.is_dir():
             return None
         folder = record.path.resolve()
         if not workspace.contains(folder) or folder == workspace.root:
             return None
-        protected = [
-            workspace.metadata_dir,
-            workspace.base_dir,
-            workspace.adapters_dir,
-            workspace.composites_dir,
-        ]
-        protected += [b.path for b in self.list_bases()]
-        protected += [a.path for a in self.list_adapters() if a.id != record.id]
-        for other in protected:
-            other = other.resolve()
-            if other == folder or folder in other.parents:
+        own = [workspace.metadata_dir, workspace.base_dir, workspace.adapters_dir, workspace.composites_dir]
+        if any(f.resolve() == folder or folder in f.resolve().parents for f in own):
+            return None
+        others = [b.path for b in self.list_bases()]
+        others += [a.path for a in self.list_adapters() if a.id != record.id]
+        for other in (o.resolve() for o in others):
+            if other == folder or folder in other.parents or other in folder.parents:
                 return None
         return folder
 

@@ -384,3 +384,37 @@ def test_suggestions_in_a_large_registry_compare_only_the_closest_domains(worksp
         assert len(candidates) == 50 and all(c.startswith("steuerrecht-") for c in candidates)
         with pytest.raises(Exception, match=r"did you mean steuerrecht-lora-r4-v3\b"):
             registry.get_adapter("steuerrech-lora-r4-v3")
+
+
+def test_rm_never_deletes_a_base_another_adapter_or_a_workspace_folder(
+    run_cli, workspace_with_base, fake_adapter, tiny_base_dir
+):
+    """Even a row that says clara placed it (a registry edited by hand, or written by an older clara) cannot
+    make rm delete a base, a folder holding or inside another adapter, or the workspace's own folders."""
+    import shutil
+
+    ws = workspace_with_base
+    for seed in range(2):
+        run_cli("adapters", "register", str(fake_adapter(seed=seed)), "--domain", "steuerrecht")
+    base_in_ws = ws.base_dir / "tiny"
+    shutil.copytree(tiny_base_dir, base_in_ws)
+    conn = sqlite3.connect(ws.registry_path)
+    conn.execute("UPDATE bases SET path = 'models/base/tiny'")
+    conn.commit()
+    for target in (  # the last one stays for the rm below: the base's folder
+        "metadata",
+        "models/adapters/steuerrecht",
+        "models/adapters/steuerrecht/lora-r4-v1/x",
+        "models/base/tiny",
+    ):
+        (ws.root / target).mkdir(parents=True, exist_ok=True)
+        conn.execute("UPDATE adapters SET path = ? WHERE id = 'steuerrecht-lora-r4-v2'", [target])
+        conn.commit()
+        with Registry.open(ws.registry_path) as registry:
+            record = registry.get_adapter("steuerrecht-lora-r4-v2")
+            assert record.placed_by_clara and registry.deletable_folder(record, ws) is None, target
+    conn.close()
+    result = run_cli("adapters", "rm", "steuerrecht-lora-r4-v2", "--yes")
+    assert result.exit_code == 0 and "holds or lies in another model" in result.output
+    assert (base_in_ws / "config.json").is_file() and ws.registry_path.is_file()
+    assert (ws.adapters_dir / "steuerrecht" / "lora-r4-v1" / "adapter_model.safetensors").is_file()

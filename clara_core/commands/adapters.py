@@ -160,6 +160,11 @@ def rm(obj, adapter_id: str, yes: bool, keep_files: bool) -> None:
         click.echo(f"Removed {adapter_id} and deleted {deleted}")
     elif keep_files or not record.path.exists():
         click.echo(f"Removed {adapter_id}")
+    elif record.placed_by_clara:
+        click.echo(
+            f"Removed {adapter_id}; its files stay in {record.path} (the folder holds or lies in another model "
+            "or a workspace folder)"
+        )
     else:
         click.echo(f"Removed {adapter_id}; its files stay in {record.path} (clara did not place them there)")
 
