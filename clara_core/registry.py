@@ -46,12 +46,14 @@ from .naming import (
     version_from_folder,
 )
 from .records import (
+    BASE_COLUMNS,
     AdapterDraft,
     AdapterRecord,
     BaseRecord,
     _dumps,
     _loads,
     adapter_row,
+    base_row,
     dataset_ref,
     parse_dataset_ref,
     utcnow,
@@ -232,17 +234,19 @@ class Registry:
         tok_hash = hashing.tokenizer_hash(path, cache=self)
         base_name = normalise_base_name(name or path.name)
         architectures = config.get("architectures") or []
-        row = {
-            "name": base_name,
-            "path": workspace.relative(path) if workspace else str(path),
-            "base_model_hash": base_hash,
-            "tokenizer_hash": tok_hash,
-            "architecture": architectures[0] if architectures else None,
-            "model_type": config.get("model_type"),
-            "config": _dumps(config),
-            "size_bytes": hashing.folder_size(path),
-            "created": utcnow(),
-        }
+        row = base_row(
+            {
+                "name": base_name,
+                "path": workspace.relative(path) if workspace else str(path),
+                "base_model_hash": base_hash,
+                "tokenizer_hash": tok_hash,
+                "architecture": architectures[0] if architectures else None,
+                "model_type": config.get("model_type"),
+                "config": config,
+                "size_bytes": hashing.folder_size(path),
+                "created": utcnow(),
+            }
+        )
         with self.transaction():
             existing = self.db.execute(
                 "SELECT name FROM bases WHERE base_model_hash = ?", [base_hash]
@@ -311,6 +315,10 @@ class Registry:
             raise InvalidInput(
                 f"{where}: invalid base name {name!r}: use a-z, 0-9, '.', '_' and '-' (like leo_base)"
             )
+        for column in BASE_COLUMNS:
+            value = entry.get(column.name)
+            if value is not None and not column.accepts(value):
+                raise InvalidInput(f"{where}: '{column.name}' must be {column.describe()}, not {value!r:.40}")
         path = _checked_base_path(str(entry["path"]), workspace, where)
         base_hash = str(entry["base_model_hash"])
         with self.transaction():
@@ -321,18 +329,20 @@ class Registry:
                     f"{where}: base '{name}' is registered here with a different base_model_hash; "
                     "rename it in the file or here"
                 )
+            values: dict[str, Any] = {
+                k: entry.get(k) for k in ("tokenizer_hash", "architecture", "model_type")
+            }
             self.db.table("bases").insert(
-                {
-                    "name": name,
-                    "path": workspace.relative(path),
-                    "base_model_hash": base_hash,
-                    "tokenizer_hash": entry.get("tokenizer_hash"),
-                    "architecture": entry.get("architecture"),
-                    "model_type": entry.get("model_type"),
-                    "config": _dumps({}),
-                    "size_bytes": entry.get("size_bytes") or 0,
-                    "created": entry.get("created") or utcnow(),
-                }
+                base_row(
+                    {
+                        **values,
+                        "name": name,
+                        "path": workspace.relative(path),
+                        "base_model_hash": base_hash,
+                        "size_bytes": entry.get("size_bytes") or 0,
+                        "created": entry.get("created") or utcnow(),
+                    }
+                )
             )
             self.audit("base.restore", name, {"path": workspace.relative(path), "base_model_hash": base_hash})
         return True

@@ -32,6 +32,14 @@ def adapter_rows(workspace: Workspace) -> list[tuple]:
         conn.close()
 
 
+def conn_table_info(workspace: Workspace, table: str) -> list[tuple]:
+    conn = sqlite3.connect(workspace.registry_path)
+    try:
+        return conn.execute(f"PRAGMA table_info({table})").fetchall()
+    finally:
+        conn.close()
+
+
 # -- structure -----------------------------------------------------------------------------------------------
 
 
@@ -43,19 +51,20 @@ def test_the_registry_does_not_import_the_workspace_module():
 
 
 def test_the_declared_adapter_columns_are_the_migrated_table(workspace):
-    from clara_core.records import ADAPTER_COLUMNS, AdapterRecord
+    from clara_core.records import ADAPTER_COLUMNS, BASE_COLUMNS, AdapterRecord, BaseRecord
 
-    conn = sqlite3.connect(workspace.registry_path)
-    try:
-        table = conn.execute("PRAGMA table_info(adapters)").fetchall()
-    finally:
-        conn.close()
+    table = conn_table_info(workspace, "adapters")
     sql_types = {str: "TEXT", int: "INTEGER", float: "REAL"}
     assert [(name, kind) for _, name, kind, *_ in table] == [
         (c.name, sql_types[c.sql_type]) for c in ADAPTER_COLUMNS
     ]
     not_null = {name for _, name, _, notnull, *_ in table if notnull}
     assert not_null == {c.name for c in ADAPTER_COLUMNS if c.not_null} - {"id"}
+    base_table = conn_table_info(workspace, "bases")
+    assert [(name, kind) for _, name, kind, *_ in base_table] == [
+        (c.name, sql_types[c.sql_type]) for c in BASE_COLUMNS
+    ]
+    assert [f.name for f in attrs.fields(BaseRecord)] == [c.name for c in BASE_COLUMNS]
     record_fields = [f.name for f in attrs.fields(AdapterRecord)]
     assert sorted(record_fields) == sorted(
         [c.name for c in ADAPTER_COLUMNS if c.name != "domain_key"] + ["stored_path"]
@@ -204,6 +213,7 @@ def test_import_json_refuses_entries_that_reach_outside_the_adapter_folders(
         ({"name": "ok", "path": "/"}, "is not a model folder"),
         ({"name": "ok", "path": "/etc"}, "is not a model folder (no config.json)"),
         ({"name": "ok", "path": "models/adapters"}, "is not a model folder"),
+        ({"name": "ok", "path": "/nowhere", "size_bytes": "big"}, "'size_bytes' must be an integer"),
     ],
 )
 def test_import_json_refuses_bad_base_entries(run_cli, workspace, tmp_path, base, expected):
