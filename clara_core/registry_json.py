@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 from .errors import ClaraError, InvalidInput
@@ -86,8 +87,10 @@ def _entry_values(entry: Any, index: int, source: str) -> tuple[dict[str, Any], 
     where = f"{source}: entry {index + 1}"
     if not isinstance(entry, dict):
         raise InvalidInput(f"{where}: expected an object")
-    if isinstance(entry.get("id"), str):
-        where += f" ({entry['id']})"
+    with suppress(
+        InvalidInput, TypeError, KeyError
+    ):  # name the entry by its id when that is printable as it is
+        where += f" ({validate_adapter_id(entry['id'])})"
     missing = [k for k in _REQUIRED_ENTRY_KEYS if entry.get(k) in (None, "")]
     if missing:
         raise InvalidInput(f"{where}: missing {', '.join(missing)}")
