@@ -555,7 +555,7 @@ class Registry:
             args.append(normalise_domain(domain))
         if method:
             clauses.append("method = ?")
-            args.append(method.strip().lower())
+            args.append(normalise_method(method))
         if kind:
             clauses.append("kind = ?")
             args.append(kind)
