@@ -252,6 +252,8 @@ def test_rm_of_an_imported_adapter_never_deletes_its_folder(
     with Registry.open(fresh.registry_path) as registry:
         assert registry.get_adapter("steuerrecht-lora-r4-v1").placed_by_clara is False
         assert [e["action"] for e in registry.audit_entries("steuerrecht-lora-r4-v1")] == ["adapter.import"]
+    shown = run_cli("adapters", "show", "steuerrecht-lora-r4-v1", workspace_dir=fresh.root)
+    assert "placed by         you ('adapters rm' keeps the folder)" in shown.output
     result = run_cli("adapters", "rm", "steuerrecht-lora-r4-v1", "--yes", workspace_dir=fresh.root)
     assert result.exit_code == 0, result.output
     assert "its files stay in" in result.output and "clara did not place them" in result.output

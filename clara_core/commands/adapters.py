@@ -116,6 +116,12 @@ def show(obj, adapter_id: str, as_json: bool) -> None:
         ("created", record.created),
         ("status", record.status),
         ("path", str(record.path)),
+        (
+            "placed by",
+            "clara ('adapters rm' deletes the folder)"
+            if record.placed_by_clara
+            else "you ('adapters rm' keeps the folder)",
+        ),
         ("size", human_size(record.size_bytes)),
         ("seed", record.seed if record.seed is not None else "-"),
         ("metrics", json.dumps(record.metrics, sort_keys=True) if record.metrics else "-"),
