@@ -20,6 +20,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,8 @@ def connect(path: Path, *, create: bool = False) -> RegistryConnection:
         try:
             conn.execute("PRAGMA schema_version").fetchone()
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+                with suppress(RegistryLocked):  # WAL is an optimisation: the next opener switches it
+                    conn.execute("PRAGMA journal_mode=WAL")
             return conn
         except RegistryDiskFull:  # SQLite cannot size its -shm on a full disk: reads still work
             conn.close()
