@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import click
 
-from ..errors import InvalidInput
+from ..errors import ClaraError, InvalidInput
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (any name but ``localhost`` counts as not)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve beyond this machine without an API key (an empty key counts as none)."""
+    if api_key or insecure_no_auth or is_loopback(host):
+        return
+    raise ClaraError(
+        f"refusing to listen on {host} without an API key: anyone who reaches it could generate and load "
+        "adapters; set --api-key KEY (or CLARA_API_KEY), or pass --insecure-no-auth to serve without one"
+    )
 
 
 def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -20,7 +41,12 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any other than loopback needs --api-key (or --insecure-no-auth).",
+)
 @click.option(
     "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one)."
 )
@@ -36,17 +62,34 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     default=8,
     show_default=True,
     type=int,
-    help="Adapters loaded at once; beyond it the least recently used idle one is unloaded.",
+    help="Adapters loaded at once (slots); a request for another one waits for the least recently used "
+    "slot to free, first come first served.",
 )
 @click.option(
-    "--api-key", envvar="CLARA_API_KEY", help="Require 'Authorization: Bearer KEY' (env CLARA_API_KEY)."
+    "--api-key",
+    envvar="CLARA_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (env CLARA_API_KEY; empty: no key).",
+)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Serve on a non-loopback --host without an API key (every route open to whoever reaches it).",
 )
 @click.option(
     "--max-queue",
     default=64,
     show_default=True,
     type=int,
-    help="Requests held at once (generating or waiting); more answer 503 at once.",
+    help="Requests held at once (generating or waiting for an adapter slot); more answer 503 at once, "
+    "with Retry-After.",
+)
+@click.option(
+    "--queue-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=24 * 3600),
+    metavar="SECONDS",
+    help="Longest wait for an adapter slot; a longer one answers 503 with Retry-After.",
 )
 @click.option(
     "--max-body",
@@ -80,7 +123,9 @@ def serve(
     preload: tuple[str, ...],
     max_loaded: int,
     api_key: str | None,
+    insecure_no_auth: bool,
     max_queue: int,
+    queue_timeout: float,
     max_body_bytes: int,
     log_requests: bool,
     router_name: str | None,
@@ -93,10 +138,13 @@ def serve(
     /v1/completions and /v1/chat/completions, where 'model' is an adapter id or the base's name.
     """
     from ..registry import Registry
-    from ..serving.app import ServeSettings
     from ..serving.requestlog import JsonlRequestLog
     from ..serving.runner import bind, prepare, run
+    from ..serving.state import ServeSettings
 
+    check_auth(host, api_key, insecure_no_auth)
+    if insecure_no_auth and not api_key and not is_loopback(host):
+        click.echo(f"clara: warning: serving on {host} without an API key (--insecure-no-auth)", err=True)
     # CPU inference threads that spin while another process holds the cores slow a shared machine down many
     # times over; sleeping waits cost little (set OMP_WAIT_POLICY yourself to override)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -106,6 +154,7 @@ def serve(
     settings = ServeSettings(
         max_loaded=max_loaded,
         max_queue=max_queue,
+        queue_timeout=queue_timeout,
         api_key=api_key or None,
         max_body_bytes=max_body_bytes,
         router_name=router_name,

@@ -1,21 +1,17 @@
 """The FastAPI app: clara's native API (``/generate``, adapters, ``/health``, ``/metrics``) for any engine.
 
-:func:`create_app` takes a built (not yet started) engine, the served base, a registry lookup and the
-server's settings; the app starts the engine in its lifespan. :class:`ServerState` holds everything shared by
-the endpoints, including :meth:`ServerState.generation`, the one path every generating endpoint (native and
-OpenAI) goes through: adapter resolution (named, default, or routed), queue admission, hot-swap, limits,
-the engine call, and one :class:`~clara_core.serving.requestlog.RequestRecord` per request for the observers.
+:func:`create_app` takes a :class:`~clara_core.serving.state.ServerState` (a built, not yet started engine,
+the served base, a registry lookup and the server's settings); the app starts the engine in its lifespan.
+The shared state and the one generation path live in :mod:`.state`; the OpenAI-compatible routes in
+:mod:`.openai_api`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -26,33 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ClaraError, InvalidInput
-from ..registry import AdapterRecord, BaseRecord
-from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouterImpl
-from .adapters import AdapterManager
-from .admission import Admission
+from ..errors import ClaraError
+from ..types import GenerationRequest
 from .errors import PayloadTooLarge, Unauthorized, error_body
-from .metrics import Metrics
-from .requestlog import RequestObserver, RequestRecord
+from .openai_api import add_openai_routes
+from .requestlog import RequestRecord
+from .state import ServerState, ServeSettings, closing, stop_list, usage
 from .streaming import DisconnectAwareStream, sse
 
-AUTO = "auto"
-
-
-@attrs.define
-class ServeSettings:
-    """The server's knobs (``clara serve`` flags)."""
-
-    max_loaded: int = 8
-    max_queue: int = 64
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    #: Upper bound for ``max_tokens`` where the engine does not know its context length.
-    max_tokens_limit: int = 4096
-    engine_name: str = "transformers"
-    router_name: str | None = None
-    preload: list[str] = attrs.field(factory=list)
-
+__all__ = ["LimitsMiddleware", "ServeSettings", "ServerState", "create_app"]
 
 # -- request bodies --------------------------------------------------------------------------------------------
 
@@ -81,202 +59,18 @@ class GenerateBody(_Strict):
     ignore_eos: StrictBool = False
 
 
-def stop_list(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    items = [stop] if isinstance(stop, str) else list(stop)
-    if len(items) > 16:
-        raise InvalidInput(f"at most 16 stop strings, got {len(items)}")
-    return [s for s in items if s]
-
-
-# -- outcome of one generation ---------------------------------------------------------------------------------
-
-
-@attrs.define
-class Selection:
-    adapter_id: str | None
-    how: str  # named | default | routed
-    score: float | None = None
-    scores: dict[str, float] = attrs.field(factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"adapter_id": self.adapter_id, "selection": self.how}
-        if self.how == "routed":
-            out["route"] = {"adapter_id": self.adapter_id, "score": self.score, "scores": self.scores}
-        return out
-
-
-@attrs.define
-class Generation:
-    """A running generation: iterate :attr:`chunks`; :meth:`finish` releases everything (idempotent)."""
-
-    state: ServerState
-    record: RequestRecord
-    selection: Selection
-    chunks: AsyncIterator[GenerationChunk]
-    stack: AsyncExitStack
-    started: float
-    closed: bool = False
-
-    async def iterate(self) -> AsyncIterator[GenerationChunk]:
-        status, code = 200, None
-        try:
-            async for chunk in self.chunks:
-                if self.record.first_token_seconds is None and chunk.text:
-                    self.record.first_token_seconds = time.perf_counter() - self.started
-                self.record.prompt_tokens = chunk.prompt_tokens
-                self.record.completion_tokens = chunk.completion_tokens
-                if chunk.finish_reason is not None:
-                    self.record.finish_reason = chunk.finish_reason
-                yield chunk
-        except ClaraError as exc:
-            status, code = exc.http_status, exc.code
-            exc._clara_observed = True  # type: ignore[attr-defined]  # recorded below, not again by the handler
-            raise
-        except BaseException:  # client gone (cancelled) or engine failure
-            status, code = 499, "client_closed"
-            raise
-        finally:
-            if self.record.finish_reason is None and status == 200:
-                status, code = 499, "client_closed"
-            await self.finish(status, code)
-
-    async def collect(self) -> tuple[str, GenerationChunk]:
-        parts: list[str] = []
-        last = GenerationChunk(text="")
-        async for chunk in self.iterate():
-            parts.append(chunk.text)
-            last = chunk
-        return "".join(parts), last
-
-    async def finish(self, status: int, code: str | None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        aclose = getattr(self.chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await self.stack.aclose()
-        self.record.status = status
-        self.record.error_code = code
-        self.record.latency_seconds = time.perf_counter() - self.started
-        self.state.observe(self.record)
-
-
-class ServerState:
-    def __init__(
-        self,
-        engine: EngineImpl,
-        base: BaseRecord,
-        lookup: Callable[[str], AdapterRecord],
-        list_adapters: Callable[[], list[AdapterRecord]],
-        settings: ServeSettings,
-        router: RouterImpl | None = None,
-        observers: Sequence[RequestObserver] = (),
-    ) -> None:
-        self.engine = engine
-        self.base = base
-        self.lookup = lookup
-        self.list_adapters = list_adapters
-        self.settings = settings
-        self.router = router
-        self.metrics = Metrics()
-        self.observers: list[RequestObserver] = [self.metrics, *observers]
-        self.admission = Admission(settings.max_queue)
-        self.adapters = AdapterManager(
-            engine, base, lookup, max_loaded=settings.max_loaded, metrics=self.metrics
-        )
-        self.default_adapter: str | None = None
-        self.started_at = time.time()
-
-    # -- observation ---------------------------------------------------------------------------------------
-
-    def observe(self, record: RequestRecord) -> None:
-        record.ts = record.ts or time.time()
-        for observer in self.observers:
-            with contextlib.suppress(Exception):  # an observer must never take a request down
-                observer.record(record)
-        self.metrics.in_flight.set(self.admission.in_flight)
-
-    # -- adapter names -------------------------------------------------------------------------------------
-
-    def is_base_name(self, name: str) -> bool:
-        return name in (self.base.name, self.base.base_model_hash)
-
-    async def select(self, requested: str | None, prompt: str) -> Selection:
-        if requested is None:
-            return Selection(self.default_adapter, "default")
-        if requested == AUTO:
-            if self.router is None:
-                raise InvalidInput(
-                    "adapter 'auto' needs a router: start the server with --router NAME (see 'clara plugins')"
-                )
-            decision = await asyncio.to_thread(self.router.route, prompt)
-            return Selection(decision.adapter_id, "routed", float(decision.score), dict(decision.scores))
-        if self.is_base_name(requested):
-            return Selection(None, "named")
-        self.lookup(requested)  # 404 / 422 before anything is reserved
-        return Selection(requested, "named")
-
-    def max_tokens_limit(self) -> int:
-        return self.engine.capabilities.max_model_len or self.settings.max_tokens_limit
-
-    # -- the one path of every generation ------------------------------------------------------------------
-
-    async def generation(
-        self,
-        endpoint: str,
-        request: GenerationRequest,
-        requested: str | None,
-        *,
-        stream: bool,
-        route_text: str | None = None,
-    ) -> Generation:
-        """Choose the adapter (``route_text``, what the user wrote, is what a router reads; default: the
-        prompt), admit, hot-swap, check limits and start the engine's generation."""
-        started = time.perf_counter()
-        record = RequestRecord(
-            request_id=request.request_id or uuid.uuid4().hex, endpoint=endpoint, status=0, stream=stream
-        )
-        request.request_id = record.request_id
-        if not request.prompt or not request.prompt.strip():
-            raise InvalidInput("the prompt is empty; send some text")
-        limit = self.max_tokens_limit()
-        if not 1 <= request.max_tokens <= limit:
-            raise InvalidInput(f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
-        selection = await self.select(requested, route_text or request.prompt)
-        record.adapter_id, record.selection, record.route_score = (
-            selection.adapter_id,
-            selection.how,
-            selection.score,
-        )
-        request.adapter_id = selection.adapter_id
-        stack = AsyncExitStack()
-        self.admission.enter()
-        stack.callback(self.admission.leave)
-        try:
-            await stack.enter_async_context(self.adapters.use(selection.adapter_id))
-            record.queue_seconds = time.perf_counter() - started
-            prompt_tokens = self.engine.count_tokens(request.prompt)
-            if prompt_tokens + request.max_tokens > limit:
-                raise InvalidInput(
-                    f"prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                    f"context of {limit} tokens"
-                )
-            chunks = self.engine.generate(request)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self.metrics.in_flight.set(self.admission.in_flight)
-        return Generation(self, record, selection, chunks, stack, started)
-
-
 # -- middleware ------------------------------------------------------------------------------------------------
 
 
-def _json_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status)
+def _json_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def _error_headers(exc: ClaraError) -> dict[str, str] | None:
+    retry_after = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 class LimitsMiddleware:
@@ -378,19 +172,21 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     app = FastAPI(title="clara", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.clara = state
 
-    def failed(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    def failed(
+        request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
         state.observe(
             RequestRecord(
                 request_id="", endpoint=request.url.path, status=status, error_code=code, selection="none"
             )
         )
-        return _json_response(status, code, message)
+        return _json_response(status, code, message, headers)
 
     @app.exception_handler(ClaraError)
     async def clara_error(request: Request, exc: ClaraError) -> JSONResponse:
         if getattr(exc, "_clara_observed", False):
-            return _json_response(exc.http_status, exc.code, exc.message)
-        return failed(request, exc.http_status, exc.code, exc.message)
+            return _json_response(exc.http_status, exc.code, exc.message, _error_headers(exc))
+        return failed(request, exc.http_status, exc.code, exc.message, _error_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -415,7 +211,11 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
             "loaded_adapters": state.engine.loaded_adapters(),
             "default_adapter": state.default_adapter,
             "max_loaded": state.settings.max_loaded,
-            "queue": {"in_flight": state.admission.in_flight, "max_queue": state.settings.max_queue},
+            "queue": {
+                "in_flight": state.admission.in_flight,
+                "max_queue": state.settings.max_queue,
+                **state.adapters.queue(),
+            },
             "router": state.settings.router_name,
             "capabilities": attrs.asdict(caps),
             "engine_details": state.engine.health(),
@@ -504,7 +304,7 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
                 "text": text,
                 **info,
                 "finish_reason": last.finish_reason,
-                "usage": _usage(last),
+                "usage": usage(last),
             }
 
         async def events() -> AsyncIterator[str]:
@@ -512,38 +312,14 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
                 event: dict[str, Any] = {"id": run.record.request_id, "text": chunk.text, **info}
                 if chunk.finish_reason is not None:
                     event["finish_reason"] = chunk.finish_reason
-                    event["usage"] = _usage(chunk)
+                    event["usage"] = usage(chunk)
                 yield sse(event)
             yield sse("[DONE]")
 
-        return DisconnectAwareStream(_closing(events(), run))
-
-    from .openai_api import add_openai_routes
+        return DisconnectAwareStream(closing(events(), run))
 
     add_openai_routes(app, state)
     app.add_middleware(
         LimitsMiddleware, api_key=state.settings.api_key, max_body_bytes=state.settings.max_body_bytes
     )
     return app
-
-
-def _usage(chunk: GenerationChunk) -> dict[str, int]:
-    return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-    }
-
-
-async def _closing(events: AsyncIterator[str], run: Generation) -> AsyncIterator[str]:
-    """Yield ``events``; however the stream ends (done, error, client gone), release the generation."""
-    try:
-        async for event in events:
-            yield event
-    except ClaraError as exc:
-        yield sse(error_body(exc.code, exc.message))
-    finally:
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        await run.finish(499, "client_closed")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..errors import InvalidInput
 from ..types import GenerationChunk, GenerationRequest
-from .app import AUTO, Generation, ServerState, _closing, _usage, stop_list
+from .state import AUTO, Generation, ServerState, closing, stop_list, usage
 from .streaming import DisconnectAwareStream, sse
 
 
@@ -136,7 +136,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
                 "choices": [
                     {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
                 ],
-                "usage": _usage(last),
+                "usage": usage(last),
                 "clara": clara,
             }
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -170,12 +170,12 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
                         "created": created,
                         "model": model,
                         "choices": [],
-                        "usage": _usage(last),
+                        "usage": usage(last),
                     }
                 )
             yield sse("[DONE]")
 
-        return DisconnectAwareStream(_closing(events(), run))
+        return DisconnectAwareStream(closing(events(), run))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody) -> Any:
@@ -218,7 +218,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
                         "finish_reason": last.finish_reason,
                     }
                 ],
-                "usage": _usage(last),
+                "usage": usage(last),
                 "clara": clara,
             }
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -244,7 +244,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
                     {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}]}
                 )
             if include_usage and last is not None:
-                yield sse({**base, "choices": [], "usage": _usage(last)})
+                yield sse({**base, "choices": [], "usage": usage(last)})
             yield sse("[DONE]")
 
-        return DisconnectAwareStream(_closing(events(), run))
+        return DisconnectAwareStream(closing(events(), run))

@@ -22,13 +22,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from clara_core.errors import ClaraError, InvalidInput
-from clara_core.types import (
+from clara_core.plugin_api import (
+    ClaraError,
     EngineCapabilities,
     EngineImpl,
     EngineOptions,
     GenerationChunk,
     GenerationRequest,
+    InvalidInput,
 )
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names

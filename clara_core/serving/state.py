@@ -1,0 +1,295 @@
+"""The server's shared state: settings, the adapter selection and the one generation path.
+
+:class:`ServerState` holds everything shared by the endpoints (native in :mod:`.app`, OpenAI-compatible in
+:mod:`.openai_api`), including :meth:`ServerState.generation`, the one path every generating endpoint goes
+through: adapter resolution (named, default, or routed), queue admission, hot-swap, limits, the engine call,
+and one :class:`~clara_core.serving.requestlog.RequestRecord` per request for the observers. Both API modules
+import from here; neither imports the other. Nothing here imports FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import attrs
+
+from ..errors import ClaraError, InvalidInput, first_line
+from ..registry import AdapterRecord, BaseRecord
+from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouteRequest, RouterImpl
+from .adapters import DEFAULT_QUEUE_TIMEOUT, AdapterManager
+from .admission import Admission
+from .errors import EngineError, error_body
+from .metrics import Metrics
+from .requestlog import RequestObserver, RequestRecord
+from .streaming import sse
+
+AUTO = "auto"
+
+
+@attrs.define
+class ServeSettings:
+    """The server's knobs (``clara serve`` flags)."""
+
+    max_loaded: int = 8
+    max_queue: int = 64
+    #: Seconds a request waits for an adapter slot before 503 ``queue_timeout``.
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    #: Upper bound for ``max_tokens`` where the engine does not know its context length.
+    max_tokens_limit: int = 4096
+    engine_name: str = "transformers"
+    router_name: str | None = None
+    preload: list[str] = attrs.field(factory=list)
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else list(stop)
+    if len(items) > 16:
+        raise InvalidInput(f"at most 16 stop strings, got {len(items)}")
+    return [s for s in items if s]
+
+
+# -- outcome of one generation ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class Selection:
+    adapter_id: str | None
+    how: str  # named | default | routed
+    score: float | None = None
+    scores: dict[str, float] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"adapter_id": self.adapter_id, "selection": self.how}
+        if self.how == "routed":
+            out["route"] = {"adapter_id": self.adapter_id, "score": self.score, "scores": self.scores}
+        return out
+
+
+@attrs.define
+class Generation:
+    """A running generation: iterate :attr:`chunks`; :meth:`finish` releases everything (idempotent)."""
+
+    state: ServerState
+    record: RequestRecord
+    selection: Selection
+    chunks: AsyncIterator[GenerationChunk]
+    stack: AsyncExitStack
+    started: float
+    closed: bool = False
+
+    async def iterate(self) -> AsyncIterator[GenerationChunk]:
+        status, code = 200, None
+        try:
+            async for chunk in self.chunks:
+                if self.record.first_token_seconds is None and chunk.text:
+                    self.record.first_token_seconds = time.perf_counter() - self.started
+                self.record.prompt_tokens = chunk.prompt_tokens
+                self.record.completion_tokens = chunk.completion_tokens
+                if chunk.finish_reason is not None:
+                    self.record.finish_reason = chunk.finish_reason
+                yield chunk
+        except ClaraError as exc:
+            status, code = exc.http_status, exc.code
+            exc._clara_observed = True  # type: ignore[attr-defined]  # recorded below, not again by the handler
+            raise
+        except Exception as exc:  # the engine failed: an engine error (500), not the client's doing
+            error = EngineError(
+                f"engine '{self.state.settings.engine_name}' failed during generation: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            )
+            status, code = error.http_status, error.code
+            error._clara_observed = True  # type: ignore[attr-defined]
+            raise error from exc
+        except BaseException:  # client gone: the request was cancelled or the stream closed
+            status, code = 499, "client_closed"
+            raise
+        finally:
+            if self.record.finish_reason is None and status == 200:
+                status, code = 499, "client_closed"
+            await self.finish(status, code)
+
+    async def collect(self) -> tuple[str, GenerationChunk]:
+        parts: list[str] = []
+        last = GenerationChunk(text="")
+        async for chunk in self.iterate():
+            parts.append(chunk.text)
+            last = chunk
+        return "".join(parts), last
+
+    async def finish(self, status: int, code: str | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        aclose = getattr(self.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self.stack.aclose()
+        self.record.status = status
+        self.record.error_code = code
+        self.record.latency_seconds = time.perf_counter() - self.started
+        self.state.observe(self.record)
+
+
+class ServerState:
+    def __init__(
+        self,
+        engine: EngineImpl,
+        base: BaseRecord,
+        lookup: Callable[[str], AdapterRecord],
+        list_adapters: Callable[[], list[AdapterRecord]],
+        settings: ServeSettings,
+        router: RouterImpl | None = None,
+        observers: Sequence[RequestObserver] = (),
+    ) -> None:
+        self.engine = engine
+        self.base = base
+        self.lookup = lookup
+        self.list_adapters = list_adapters
+        self.settings = settings
+        self.router = router
+        self.metrics = Metrics()
+        self.observers: list[RequestObserver] = [self.metrics, *observers]
+        self.admission = Admission(settings.max_queue)
+        self.adapters = AdapterManager(
+            engine,
+            base,
+            lookup,
+            max_loaded=settings.max_loaded,
+            metrics=self.metrics,
+            queue_timeout=settings.queue_timeout,
+        )
+        self.default_adapter: str | None = None
+        self.started_at = time.time()
+
+    # -- observation ---------------------------------------------------------------------------------------
+
+    def observe(self, record: RequestRecord) -> None:
+        record.ts = record.ts or time.time()
+        for observer in self.observers:
+            with contextlib.suppress(Exception):  # an observer must never take a request down
+                observer.record(record)
+        self.metrics.in_flight.set(self.admission.in_flight)
+
+    # -- adapter names -------------------------------------------------------------------------------------
+
+    def is_base_name(self, name: str) -> bool:
+        return name in (self.base.name, self.base.base_model_hash)
+
+    async def select(self, requested: str | None, prompt: str) -> Selection:
+        if requested is None:
+            return Selection(self.default_adapter, "default")
+        if requested == AUTO:
+            if self.router is None:
+                raise InvalidInput(
+                    "adapter 'auto' needs a router: start the server with --router NAME (see 'clara plugins')"
+                )
+            decision = await asyncio.to_thread(self.router.route, RouteRequest(prompt=prompt))
+            return Selection(decision.adapter_id, "routed", float(decision.score), dict(decision.scores))
+        if self.is_base_name(requested):
+            return Selection(None, "named")
+        self.lookup(requested)  # 404 / 422 before anything is reserved
+        return Selection(requested, "named")
+
+    def max_tokens_limit(self) -> int:
+        return self.engine.capabilities.max_model_len or self.settings.max_tokens_limit
+
+    # -- the one path of every generation ------------------------------------------------------------------
+
+    async def generation(
+        self,
+        endpoint: str,
+        request: GenerationRequest,
+        requested: str | None,
+        *,
+        stream: bool,
+        route_text: str | None = None,
+    ) -> Generation:
+        """Choose the adapter (``route_text``, what the user wrote, is what a router reads; default: the
+        prompt), admit, hot-swap, check limits and start the engine's generation."""
+        started = time.perf_counter()
+        record = RequestRecord(
+            request_id=request.request_id or uuid.uuid4().hex, endpoint=endpoint, status=0, stream=stream
+        )
+        request.request_id = record.request_id
+        if not request.prompt or not request.prompt.strip():
+            raise InvalidInput("the prompt is empty; send some text")
+        limit = self.max_tokens_limit()
+        if not 1 <= request.max_tokens <= limit:
+            raise InvalidInput(f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
+        selection = await self.select(requested, route_text or request.prompt)
+        record.adapter_id, record.selection, record.route_score = (
+            selection.adapter_id,
+            selection.how,
+            selection.score,
+        )
+        request.adapter_id = selection.adapter_id
+        stack = AsyncExitStack()
+        try:
+            self.admission.enter()
+            stack.callback(self.admission.leave)
+            await stack.enter_async_context(self.adapters.use(selection.adapter_id))
+            record.queue_seconds = time.perf_counter() - started
+            prompt_tokens = self.engine.count_tokens(request.prompt)
+            if prompt_tokens + request.max_tokens > limit:
+                raise InvalidInput(
+                    f"prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
+                    f"context of {limit} tokens"
+                )
+            chunks = self.engine.generate(request)
+        except ClaraError as exc:
+            await stack.aclose()
+            self._refused(record, exc, started)
+            raise
+        except Exception as exc:
+            await stack.aclose()
+            error = EngineError(
+                f"engine '{self.settings.engine_name}' failed to start the generation: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            )
+            self._refused(record, error, started)
+            raise error from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        self.metrics.in_flight.set(self.admission.in_flight)
+        return Generation(self, record, selection, chunks, stack, started)
+
+    def _refused(self, record: RequestRecord, exc: ClaraError, started: float) -> None:
+        """Record a request that ended before its generation started (queue full or timed out, limits), with
+        the adapter it asked for; the error handler then does not record it again."""
+        record.status, record.error_code = exc.http_status, exc.code
+        record.latency_seconds = record.queue_seconds = time.perf_counter() - started
+        exc._clara_observed = True  # type: ignore[attr-defined]
+        self.observe(record)
+
+
+def usage(chunk: GenerationChunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
+
+
+async def closing(events: AsyncIterator[str], run: Generation) -> AsyncIterator[str]:
+    """Yield ``events``; however the stream ends (done, error, client gone), release the generation."""
+    try:
+        async for event in events:
+            yield event
+    except ClaraError as exc:
+        yield sse(error_body(exc.code, exc.message))
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await run.finish(499, "client_closed")
