@@ -116,6 +116,12 @@ def show(obj, adapter_id: str, as_json: bool) -> None:
         ("created", record.created),
         ("status", record.status),
         ("path", str(record.path)),
+        (
+            "placed by",
+            "clara ('adapters rm' deletes the folder)"
+            if record.placed_by_clara
+            else "you ('adapters rm' keeps the folder)",
+        ),
         ("size", human_size(record.size_bytes)),
         ("seed", record.seed if record.seed is not None else "-"),
         ("metrics", json.dumps(record.metrics, sort_keys=True) if record.metrics else "-"),
@@ -160,6 +166,11 @@ def rm(obj, adapter_id: str, yes: bool, keep_files: bool) -> None:
         click.echo(f"Removed {adapter_id} and deleted {deleted}")
     elif keep_files or not record.path.exists():
         click.echo(f"Removed {adapter_id}")
+    elif record.placed_by_clara:
+        click.echo(
+            f"Removed {adapter_id}; its files stay in {record.path} (the folder holds or lies in another model "
+            "or a workspace folder)"
+        )
     else:
         click.echo(f"Removed {adapter_id}; its files stay in {record.path} (clara did not place them there)")
 
