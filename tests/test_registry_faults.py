@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -260,19 +261,33 @@ def assert_serve_reads_the_registry(workspace: Workspace, adapter_id: str) -> No
     from clara_core.plugins import PluginManager
     from clara_core.serving.app import ServeSettings
     from clara_core.serving.runner import _registry_lookup, prepare
-    from clara_core.types import Engine
+    from clara_core.types import Engine, EngineImpl
+
+    class Idle(EngineImpl):  # built, never started: only the registry reads are under test
+        def __init__(self, base: object, options: object) -> None: ...
+        async def start(self) -> None: ...
+        async def load_adapter(self, adapter: object) -> None: ...
+        async def unload_adapter(self, adapter_id: str) -> None: ...
+        def loaded_adapters(self) -> list[str]:
+            return []
+
+        async def generate(self, request: object) -> Any:  # pragma: no cover - not called here
+            yield None
+
+        def render_chat(self, messages: object) -> str:
+            return ""
 
     class Plugin:
         @hookimpl
         def register_engines(self, register: Callable) -> None:
-            register(Engine("dummy", lambda base, options: None, "never started in these tests"))
+            register(Engine("idle", Idle, "never started in these tests"))
 
     manager = PluginManager(load_entry_points=False)
-    manager.register(Plugin(), name="dummy")
+    manager.register(Plugin(), name="idle")
     with Registry.open(workspace.registry_path) as registry:
         registry.check_integrity()  # what `clara serve` runs first
     state = prepare(
-        workspace, manager, engine_name="dummy", base_name=None, settings=ServeSettings(preload=[adapter_id])
+        workspace, manager, engine_name="idle", base_name=None, settings=ServeSettings(preload=[adapter_id])
     )
     assert state.base.name == "tiny"
     lookup, list_all = _registry_lookup(workspace.registry_path)

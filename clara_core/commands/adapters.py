@@ -227,7 +227,7 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
     """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch.
 
     Without ADAPTER_IDS, also notes adapter folders no registry row points to, and staging folders in
-    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add' removes those).
+    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add --copy' removes them).
 
     With --rebuild, each adapter is trained again from the inputs recorded at training time (base, dataset,
     method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
@@ -287,8 +287,8 @@ def _report_leftovers(workspace) -> None:
     for leftover in workspace.staging_leftovers():
         click.echo(
             f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging "
-            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add' removes "
-            "it, or delete it yourself"
+            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add --copy' "
+            "removes it, or delete it yourself"
         )
 
 
@@ -365,6 +365,7 @@ def register(
     """
     workspace = obj.workspace()
     config = hashing.read_adapter_config(path)
+    workspace.remove_abandoned_staging()  # what a killed copy left (its owner is gone): 'verify' reports it
     with Registry.open(workspace.registry_path) as registry:
         base = registry.choose_base(base_name)
         problems = adapter_base_mismatches(path, base.path)
