@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clara_core.errors import ClaraError, InvalidInput
+from clara_core.hashing import AdapterFiles
 from clara_core.types import (
     EngineCapabilities,
     EngineImpl,
@@ -184,30 +184,49 @@ class TransformersEngine(EngineImpl):
         return await asyncio.wrap_future(future)
 
     async def load_adapter(self, adapter: Any) -> None:
-        await self._call(lambda: self._load_adapter(adapter.id, Path(adapter.path)))
+        from clara_core.checks import read_verified_adapter
 
-    def _load_adapter(self, adapter_id: str, path: Path) -> None:
-        from peft import PeftModel
+        # read once, hash those bytes, load those bytes: a file swapped after the check is never served
+        files = await asyncio.to_thread(read_verified_adapter, adapter)
+        await self._call(lambda: self._load_adapter(adapter.id, files))
+
+    def _load_adapter(self, adapter_id: str, files: AdapterFiles) -> None:
+        from peft import PeftConfig, set_peft_model_state_dict
+        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+        from peft.peft_model import PeftModel
+        from safetensors.torch import load as load_safetensors
 
         if adapter_id in self._dora:
             return
-        try:
-            config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ClaraError(
-                f"adapter '{adapter_id}': cannot read {path / 'adapter_config.json'}: {exc}"
-            ) from exc
+        config = files.config
         if config.get("peft_type", "LORA") != "LORA":
             raise InvalidInput(
                 f"adapter '{adapter_id}' is a {config.get('peft_type')} adapter; the transformers engine serves "
                 "LoRA and DoRA adapters"
             )
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(
-                self.model, str(path), adapter_name=adapter_id, is_trainable=False
+        try:
+            weights = load_safetensors(files.weights)
+            peft_config = PeftConfig.from_peft_type(
+                **{k: v for k, v in config.items() if k != "runtime_config"}
             )
+        except (
+            Exception
+        ) as exc:  # a corrupt file or a config PEFT rejects: this adapter fails, not the server
+            raise ClaraError(f"adapter '{adapter_id}' cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        peft_config.inference_mode = True
+        # what PeftModel.from_pretrained / load_adapter do, from the verified bytes instead of the folder
+        if self.peft is None:
+            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type or "", PeftModel)
+            self.peft = cls(self.model, peft_config, adapter_name=adapter_id)
         else:
-            self.peft.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+            self.peft.add_adapter(adapter_id, peft_config)
+        try:
+            set_peft_model_state_dict(self.peft, weights, adapter_name=adapter_id)
+        except Exception as exc:  # shapes that do not fit this base
+            self.peft.delete_adapter(adapter_id)
+            raise ClaraError(
+                f"adapter '{adapter_id}' does not fit the base: {type(exc).__name__}: {exc}"
+            ) from exc
         self.peft.to(self.device)
         self.peft.eval()
         self._active = None  # loading may change PEFT's active adapter
