@@ -450,8 +450,9 @@ class TransformersEngine(EngineImpl):
                 else ClaraError(f"generation failed: {type(exc).__name__}: {exc}")
             )
             for row in rows:
-                row.finished = True
-                row.send(error)
+                if not row.finished:  # rows that already ended (or failed alone) got their answer
+                    row.finished = True
+                    row.send(error)
             self._groups = [g for g in self._groups if not all(r.finished for r in g.rows)]
 
     def _prune(self) -> None:
@@ -525,6 +526,19 @@ class TransformersEngine(EngineImpl):
         from transformers import DynamicCache
 
         rows.sort(key=lambda r: r.adapter_name)  # contiguous slices per adapter (stable: arrival order kept)
+        for row in rows:
+            if row.request.temperature > 0:
+                try:
+                    row.generator = torch.Generator(device=self.device)
+                    if row.request.seed is not None:
+                        row.generator.manual_seed(row.request.seed)
+                    else:
+                        row.generator.seed()
+                except Exception as exc:  # e.g. a seed beyond 64 bits: this request fails, not its batch
+                    self._fail_row(row, exc)
+        rows[:] = [r for r in rows if not r.finished]
+        if not rows:
+            return
         length = max(len(r.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -533,13 +547,6 @@ class TransformersEngine(EngineImpl):
             n = len(row.prompt_ids)
             ids[i, length - n :] = torch.tensor(row.prompt_ids)
             mask[i, length - n :] = 1
-            seed = row.request.seed
-            if row.request.temperature > 0:
-                row.generator = torch.Generator(device=self.device)
-                if seed is not None:
-                    row.generator.manual_seed(seed)
-                else:
-                    row.generator.seed()
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -623,8 +630,15 @@ class TransformersEngine(EngineImpl):
         chosen = logits.argmax(-1).tolist()
         for i, row in enumerate(group.rows):
             request = row.request
+            if row.finished:
+                continue
             if request.temperature > 0:
-                chosen[i] = _sample(logits[i].float(), request.temperature, request.top_p, row.generator)
+                try:
+                    chosen[i] = _sample(logits[i].float(), request.temperature, request.top_p, row.generator)
+                except Exception as exc:  # this row's parameters broke sampling: only this request fails
+                    row.generated.append(int(chosen[i]))  # keeps the row decodable until it is pruned
+                    self._fail_row(row, exc)
+                    continue
             token = int(chosen[i])
             row.generated.append(token)
             finish = None
@@ -633,6 +647,16 @@ class TransformersEngine(EngineImpl):
             elif len(row.generated) >= request.max_tokens:
                 finish = "length"
             self._emit(row, finish)
+
+    @staticmethod
+    def _fail_row(row: _Sequence, exc: BaseException) -> None:
+        """End one request with an error; the rest of its batch goes on (the row is pruned at the next step)."""
+        row.finished = True
+        row.send(
+            exc
+            if isinstance(exc, ClaraError)
+            else ClaraError(f"generation failed: {type(exc).__name__}: {exc}")
+        )
 
     def _emit(self, row: _Sequence, finish: str | None) -> None:
         request = row.request
@@ -679,7 +703,14 @@ def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> in
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = sorted_probs.cumsum(-1)
-        keep = cumulative - sorted_probs < top_p  # always keeps the most likely token
+        keep = cumulative - sorted_probs < top_p
+        keep[0] = True  # always keeps the most likely token (top_p below float precision included)
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    total = probs.sum()
+    if not bool(torch.isfinite(probs).all()) or not total > 0:
+        raise InvalidInput(
+            f"temperature {temperature:g} and top_p {top_p:g} leave no token to sample from; "
+            "use temperature 0 (greedy) or a larger one"
+        )
+    return int(torch.multinomial(probs / total, 1, generator=generator))

@@ -261,3 +261,49 @@ def test_adapters_loaded_from_bytes_match_peft_loading_the_folder(models: dict[s
 async def run_loaded(engine: Any, name: str, path: Path) -> tuple[str, Any]:
     await engine.load_adapter(Adapter(name, path))
     return await run(engine, PROMPTS[0], name, max_tokens=10)
+
+
+def test_a_request_whose_parameters_break_sampling_fails_alone(models: dict[str, Path]) -> None:
+    """Rows with a seed beyond 64 bits or a temperature of 1e-45, admitted in the same step as innocent
+    requests, fail on their own; every other request gets the answer it gets alone. A top_p of 1e-300 (0 in
+    float32) keeps the most likely token instead of leaving none."""
+    import threading
+
+    bad = [{"seed": 2**64, "temperature": 1.0}, {"temperature": 1e-45}, {"temperature": 1.0, "top_p": 1e-300}]
+
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        await engine.load_adapter(Adapter("lora0", models["lora0"]))
+        innocent = [(PROMPTS[i % 4], ("lora0", None)[i % 2]) for i in range(6)]
+        alone = [(await run(engine, p, a, max_tokens=12, ignore_eos=True))[0] for p, a in innocent]
+        entered, gate = threading.Event(), threading.Event()
+
+        def block_worker() -> None:
+            entered.set()
+            gate.wait()
+
+        hold = asyncio.ensure_future(engine._call(block_worker))  # the worker waits: all arrive in one step
+        await asyncio.to_thread(entered.wait, 60)
+        jobs = [run(engine, p, a, max_tokens=12, ignore_eos=True) for p, a in innocent]
+        jobs += [run(engine, PROMPTS[0], None, max_tokens=12, **params) for params in bad]
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        for _ in range(500):
+            if engine.health()["waiting"] == len(tasks):
+                break
+            await asyncio.sleep(0.01)
+        assert engine.health()["waiting"] == len(tasks)
+        gate.set()
+        await hold
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r[0] if isinstance(r, tuple) else r for r in results[: len(innocent)]] == alone
+        seed_row, temperature_row, top_p_row = results[len(innocent) :]
+        assert isinstance(seed_row, ClaraError) and "Overflow" in str(seed_row), seed_row
+        assert isinstance(temperature_row, InvalidInput) and "no token to sample" in str(temperature_row)
+        greedy, _ = await run(engine, PROMPTS[0], None, max_tokens=12, ignore_eos=True)
+        assert isinstance(top_p_row, tuple) and top_p_row[0] == greedy  # keeps the most likely token only
+        text, _ = await run(engine, PROMPTS[1], "lora0", max_tokens=4)  # the engine serves on
+        assert text
+        await engine.shutdown()
+
+    asyncio.run(main())
