@@ -12,7 +12,7 @@ from typing import Any
 
 from . import hashing
 from .errors import Conflict, InvalidInput
-from .hashing import AdapterFiles
+from .hashing import AdapterFiles, HashCache
 from .registry import AdapterRecord, BaseRecord
 
 
@@ -54,3 +54,22 @@ def read_verified_adapter(adapter: Any) -> AdapterFiles:
             f"{expected[:12]}, files {files.checksum[:12]}; run 'clara adapters verify {adapter.id}'"
         )
     return files
+
+
+def check_base_unchanged(base: BaseRecord, cache: HashCache | None = None) -> None:
+    """Raise :class:`Conflict` unless the files of ``base`` still hash to its registered ``base_model_hash``.
+
+    With ``cache`` (the registry's per-file hashes, keyed by path, size and mtime) an unchanged base costs a
+    few ``stat`` calls; a changed file is hashed again.
+    """
+    try:
+        actual = hashing.base_model_hash(base.path, cache=cache)
+    except InvalidInput as exc:
+        raise Conflict(f"base '{base.name}' cannot be read: {exc}") from exc
+    if actual != base.base_model_hash:
+        raise Conflict(
+            f"base '{base.name}' in {base.path} changed since it was registered (registered base_model_hash "
+            f"{base.base_model_hash[:12]}, files now {actual[:12]}); its adapters were trained on the registered "
+            f"weights. Restore the original files, or register the changed model as a new base: "
+            f"clara base add {base.path} --name {base.name}-2"
+        )

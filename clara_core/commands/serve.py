@@ -9,6 +9,27 @@ import click
 from ..errors import InvalidInput
 
 
+def api_key_setting(value: str | None) -> str | None:
+    """The API key as the server will compare it, or ``None`` for no key (an empty ``CLARA_API_KEY``).
+
+    A key no client can send is refused here rather than failing every request later: HTTP headers carry
+    printable ASCII only, and clients strip the spaces around a header value.
+    """
+    if value is None or value == "":
+        return None
+    if value != value.strip():
+        raise InvalidInput(
+            "the API key (--api-key or CLARA_API_KEY) has spaces or line breaks around it, which no client "
+            "can send; remove them"
+        )
+    if not value.isascii() or not value.isprintable():
+        raise InvalidInput(
+            "the API key (--api-key or CLARA_API_KEY) must be printable ASCII (letters, digits, punctuation): "
+            "HTTP headers carry nothing else; choose another key"
+        )
+    return value
+
+
 def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     options: dict[str, str] = {}
     for pair in pairs:
@@ -39,7 +60,11 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Adapters loaded at once; beyond it the least recently used idle one is unloaded.",
 )
 @click.option(
-    "--api-key", envvar="CLARA_API_KEY", help="Require 'Authorization: Bearer KEY' (env CLARA_API_KEY)."
+    "--api-key",
+    envvar="CLARA_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every route but /health. Prefer the environment variable "
+    "CLARA_API_KEY: a key given as --api-key shows in the process list (ps) for every user of the machine. "
+    "Printable ASCII without surrounding spaces; an empty key means no key.",
 )
 @click.option(
     "--max-queue",
@@ -55,6 +80,13 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     type=int,
     help="Largest request body in bytes; larger ones answer 413.",
+)
+@click.option(
+    "--read-timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client has to send a request's head, and again its body; slower clients are cut off.",
 )
 @click.option(
     "--log-requests",
@@ -82,6 +114,7 @@ def serve(
     api_key: str | None,
     max_queue: int,
     max_body_bytes: int,
+    read_timeout: float,
     log_requests: bool,
     router_name: str | None,
     engine_options: tuple[str, ...],
@@ -99,12 +132,14 @@ def serve(
     # CPU inference threads that spin while another process holds the cores slow a shared machine down many
     # times over; sleeping waits cost little (set OMP_WAIT_POLICY yourself to override)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    api_key = api_key_setting(api_key)
     workspace = obj.workspace()
     settings = ServeSettings(
         max_loaded=max_loaded,
         max_queue=max_queue,
-        api_key=api_key or None,
+        api_key=api_key,
         max_body_bytes=max_body_bytes,
+        read_timeout=read_timeout,
         router_name=router_name,
         preload=list(dict.fromkeys(preload)),
     )

@@ -40,6 +40,8 @@ class ServeSettings:
     max_queue: int = 64
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    #: Seconds a client has to send a request's head, and again its body; slower connections are closed.
+    read_timeout: float = 20.0
     #: Upper bound for ``max_tokens`` where the engine does not know its context length.
     max_tokens_limit: int = 4096
     engine_name: str = "transformers"

@@ -338,7 +338,8 @@ class TransformersEngine(EngineImpl):
             raise ClaraError("the engine is not started")
         if request.adapter_id is not None and request.adapter_id not in self._dora:
             raise ClaraError(f"adapter '{request.adapter_id}' is not loaded")
-        prompt_ids = self._encode(request.prompt, request.add_special_tokens)
+        # a long prompt takes a while to tokenise: never on the event loop, which serves everyone else
+        prompt_ids = await asyncio.to_thread(self._encode, request.prompt, request.add_special_tokens)
         if not prompt_ids:
             raise InvalidInput("the prompt is empty")
         limit = self.capabilities.max_model_len
