@@ -442,3 +442,37 @@ def test_serve_and_query_runs_a_real_clara_serve_process(
     for (prompt, adapter), answer in zip(queries, answers, strict=True):
         assert answer["adapter_id"] == adapter
         assert answer["text"] == generate(client, prompt, adapter or "tiny", max_tokens=6)["text"]
+
+
+def test_more_adapters_than_slots_under_concurrent_load_all_answered_with_their_own_output(
+    workspace_with_adapters: Workspace, client: httpx.Client
+) -> None:
+    """4 adapters, 2 slots, 24 concurrent requests: every request waits its turn for a slot (none refused)
+    and gets exactly its own adapter's greedy answer (the module server, all 4 loaded, gives the reference)."""
+    from clara_core.serving.runner import BackgroundServer, prepare
+    from clara_core.serving.state import ServeSettings
+
+    alone = {(a, p): generate(client, p, a, max_tokens=8)["text"] for a in LORAS for p in PROMPTS[:2]}
+    for p in PROMPTS[:2]:
+        assert len({alone[(a, p)] for a in LORAS}) == len(LORAS)
+    state = prepare(
+        workspace_with_adapters,
+        PluginManager(),
+        engine_name="transformers",
+        base_name="tiny",
+        settings=ServeSettings(max_loaded=2, max_queue=64),
+    )
+    jobs = [(LORAS[(i * 3) % 4], PROMPTS[(i // 4) % 2]) for i in range(24)]
+    with BackgroundServer(state) as small, httpx.Client(base_url=small.url, timeout=120) as c:
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(lambda j: generate(c, j[1], j[0], max_tokens=8), jobs))
+        for (adapter, prompt), result in zip(jobs, results, strict=True):
+            assert result["adapter_id"] == adapter
+            assert result["text"] == alone[(adapter, prompt)], (adapter, prompt)
+        assert metric(c, "clara_adapter_evictions_total") >= 2  # the 4 adapters really took turns
+        for adapter in LORAS:
+            assert metric(c, "clara_adapter_queue_wait_seconds_count", adapter=adapter) == 6
+        assert metric(c, "clara_requests_total", status="200") == 24
+        assert metric(c, "clara_requests_total", status="503") == 0
+        health = c.get("/health").json()
+        assert health["queue"]["waiting"] == 0 and len(health["loaded_adapters"]) == 2

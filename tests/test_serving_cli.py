@@ -74,6 +74,10 @@ def test_no_base_and_unknown_base(run_cli: Callable[..., Result], workspace: Wor
         )
     with pytest.raises(ClaraError, match="--max-loaded must be at least 1"):
         prepare(workspace, manager, engine_name="dummy", base_name=None, settings=ServeSettings(max_loaded=0))
+    with pytest.raises(ClaraError, match="--queue-timeout must be more than 0 seconds, got 0"):
+        prepare(
+            workspace, manager, engine_name="dummy", base_name=None, settings=ServeSettings(queue_timeout=0)
+        )
 
 
 def test_base_not_registered_through_the_cli(
@@ -93,6 +97,8 @@ def test_base_not_registered_through_the_cli(
     assert "'nicht-lora-r4-v1' is not registered" in line
     line = one_line_error(run_cli("--engine", "dummy", "serve", "--port", "0", "-o", "oops"))
     assert "NAME=VALUE" in line
+    result = run_cli("--engine", "dummy", "serve", "--port", "0", "--queue-timeout", "0")
+    assert result.exit_code == 2 and "--queue-timeout" in result.output and "Traceback" not in result.output
 
 
 def test_real_process_unknown_engine_is_one_line_without_traceback(workspace_with_base: Workspace) -> None:
@@ -120,4 +126,5 @@ def test_help_does_not_import_the_server_or_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--max-loaded" in proc.stdout
+    assert "--queue-timeout SECONDS" in proc.stdout and "[default: 30.0;" in proc.stdout
     assert "HEAVY []" in proc.stdout, proc.stdout

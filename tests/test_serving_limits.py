@@ -5,7 +5,9 @@ deterministic (no timing, no model)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -42,6 +44,7 @@ class HoldingEngine(EngineImpl):
 
     def __init__(self, base: Any, options: Any) -> None:
         self.loaded: list[str] = []
+        self.load_order: list[str] = []
         self.release = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
         self.cancelled: list[str] = []
@@ -54,6 +57,7 @@ class HoldingEngine(EngineImpl):
 
     async def load_adapter(self, adapter: Any) -> None:
         self.loaded.append(adapter.id)
+        self.load_order.append(adapter.id)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         self.loaded.remove(adapter_id)
@@ -67,6 +71,9 @@ class HoldingEngine(EngineImpl):
             text = f"{request.adapter_id or 'base'}:{request.prompt}"
             if request.prompt == "fail":
                 raise InvalidInput("this engine refuses the prompt 'fail'")
+            if request.prompt == "crash":  # an engine failure after the first chunk
+                yield GenerationChunk(text=text, prompt_tokens=1, completion_tokens=1)
+                raise RuntimeError("the device fell over\nsecond line")
             if request.prompt.startswith(HOLD):
                 yield GenerationChunk(text=text, prompt_tokens=1, completion_tokens=1)
                 await self.release.wait()
@@ -204,6 +211,7 @@ def test_full_queue_answers_503_at_once_and_recovers(start: Callable) -> None:
     response = httpx.post(server.url + "/generate", json={"prompt": "x"}, timeout=5)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "queue_full"
+    assert int(response.headers["Retry-After"]) >= 1
     assert "--max-queue" in response.json()["error"]["message"]
     for client, context, _ in held:
         context.__exit__(None, None, None)
@@ -212,33 +220,124 @@ def test_full_queue_answers_503_at_once_and_recovers(start: Callable) -> None:
     assert httpx.post(server.url + "/generate", json={"prompt": "x"}).json()["text"] == "base:x"
 
 
-def test_all_loaded_adapters_busy_refuses_a_new_one_then_evicts_lru(
+class Watch:
+    """Snapshots of the adapter manager's queue, taken on the server's loop at every change: the test thread
+    waits on a condition for a state instead of sleeping."""
+
+    def __init__(self, server: BackgroundServer) -> None:
+        self.manager = server.state.adapters
+        self.condition = threading.Condition()
+        self.waiting: list[str] = []
+        self.draining: dict[str, str] = {}
+        self.manager.on_change = self.changed
+
+    def changed(self) -> None:
+        with self.condition:
+            self.waiting = [w.adapter_id for w in self.manager.waiters]
+            self.draining = dict(self.manager.draining)
+            self.condition.notify_all()
+
+    def until(self, predicate: Callable[[Watch], bool]) -> None:
+        with self.condition:
+            assert self.condition.wait_for(lambda: predicate(self), timeout=30), (self.waiting, self.draining)
+
+
+def close(held: tuple[httpx.Client, Any, Any]) -> None:
+    client, context, _ = held
+    context.__exit__(None, None, None)
+    client.close()
+
+
+def test_a_request_for_an_unloaded_adapter_waits_for_the_lru_slot_instead_of_503(
     start: Callable, setup: tuple[Workspace, list[str]]
 ) -> None:
     ids = setup[1]
     server, plugin = start(max_loaded=2)
+    watch = Watch(server)
     held = [open_stream(server.url, {"prompt": HOLD, "adapter_id": a}) for a in ids[:2]]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(
+            httpx.post, server.url + "/generate", json={"prompt": "x", "adapter_id": ids[2]}
+        )
+        # it waits; ids[0], used longest ago, drains for it (no new requests), ids[1] keeps serving
+        watch.until(lambda w: w.waiting == [ids[2]] and w.draining == {ids[0]: ids[2]})
+        assert httpx.post(server.url + "/generate", json={"prompt": "y", "adapter_id": ids[1]}).json()[
+            "text"
+        ] == (f"{ids[1]}:y")
+        health = httpx.get(server.url + "/health").json()["queue"]
+        assert health["waiting"] == 1 and health["waiting_by_adapter"] == {ids[2]: 1}
+        busy = httpx.post(server.url + "/unload_adapter", json={"adapter_id": ids[0]})
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "adapter_in_use"
+        assert not waiting.done()
+        close(held[0])  # ids[0]'s request ends: its slot goes to the waiting request
+        response = waiting.result(timeout=30)
+    assert response.status_code == 200 and response.json()["text"] == f"{ids[2]}:x"
+    assert plugin.engines[0].loaded == [ids[1], ids[2]]
+    close(held[1])
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'clara_adapter_queue_wait_seconds_count{{adapter="{ids[2]}"}} 1.0' in metrics
+    assert f'clara_adapter_evictions_total{{adapter="{ids[0]}"}} 1.0' in metrics
+    assert 'status="503"' not in metrics
+
+
+def test_a_wait_past_the_queue_timeout_is_503_with_retry_after(
+    start: Callable, setup: tuple[Workspace, list[str]]
+) -> None:
+    ids = setup[1]
+    server, plugin = start(max_loaded=1, queue_timeout=0.2)
+    held = open_stream(server.url, {"prompt": HOLD, "adapter_id": ids[0]})
     for path, body in (
-        ("/generate", {"prompt": "x", "adapter_id": ids[2]}),
-        ("/load_adapter", {"adapter_id": ids[2]}),
+        ("/generate", {"prompt": "x", "adapter_id": ids[1]}),
+        ("/v1/completions", {"prompt": "x", "model": ids[1], "stream": True}),
+        ("/load_adapter", {"adapter_id": ids[1]}),
     ):
         response = httpx.post(server.url + path, json=body)
-        assert response.status_code == 503
-        assert response.json()["error"]["code"] == "adapters_busy"
-        assert "--max-loaded" in response.json()["error"]["message"]
-    busy = httpx.post(server.url + "/unload_adapter", json={"adapter_id": ids[0]})
-    assert busy.status_code == 409 and busy.json()["error"]["code"] == "adapter_in_use"
-    # a loaded adapter still serves meanwhile
-    assert httpx.post(server.url + "/generate", json={"prompt": "y", "adapter_id": ids[1]}).json()[
+        assert response.status_code == 503, path
+        assert response.headers["Retry-After"] == "1"
+        error = response.json()["error"]
+        assert error["code"] == "queue_timeout"
+        assert "--queue-timeout 0.2" in error["message"] and "--max-loaded 1" in error["message"]
+    assert httpx.get(server.url + "/health").json()["queue"]["waiting"] == 0  # nothing left behind
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'clara_adapter_queue_timeouts_total{{adapter="{ids[1]}"}} 3.0' in metrics
+    assert f'clara_requests_total{{adapter="{ids[1]}",endpoint="/generate",status="503"}} 1.0' in metrics
+    close(held)
+    assert httpx.post(server.url + "/generate", json={"prompt": "z", "adapter_id": ids[1]}).json()[
         "text"
-    ] == (f"{ids[1]}:y")
-    for client, context, _ in held:
-        context.__exit__(None, None, None)
-        client.close()
-    wait_for(lambda: in_flight(server.url) == 0)
-    response = httpx.post(server.url + "/generate", json={"prompt": "x", "adapter_id": ids[2]})
-    assert response.json()["text"] == f"{ids[2]}:x"
-    assert plugin.engines[0].loaded == [ids[1], ids[2]]  # ids[0] was used longest ago
+    ] == (f"{ids[1]}:z")
+    assert plugin.engines[0].loaded == [ids[1]]
+
+
+def test_waiting_adapters_are_served_first_come_first_served_and_busy_ones_do_not_starve_them(
+    start: Callable, setup: tuple[Workspace, list[str]]
+) -> None:
+    rare, other, busy = setup[1][1], setup[1][2], setup[1][0]
+    server, plugin = start(max_loaded=1)
+    watch = Watch(server)
+    held = open_stream(server.url, {"prompt": HOLD, "adapter_id": busy})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+
+        def ask(adapter: str, prompt: str) -> concurrent.futures.Future:
+            return pool.submit(
+                httpx.post,
+                server.url + "/generate",
+                json={"prompt": prompt, "adapter_id": adapter},
+                timeout=30,
+            )
+
+        first = ask(rare, "1")
+        watch.until(lambda w: w.waiting == [rare] and w.draining == {busy: rare})
+        second = ask(other, "2")
+        watch.until(lambda w: w.waiting == [rare, other])
+        # a new request for the loaded adapter queues behind the rare one instead of keeping its slot busy
+        third = ask(busy, "3")
+        watch.until(lambda w: w.waiting == [rare, other, busy])
+        fourth = ask(rare, "4")  # joins the rare adapter's turn: one load serves both
+        watch.until(lambda w: w.waiting == [rare, other, busy, rare])
+        close(held)
+        answers = [f.result(timeout=30) for f in (first, second, third, fourth)]
+    assert [a.json()["text"] for a in answers] == [f"{rare}:1", f"{other}:2", f"{busy}:3", f"{rare}:4"]
+    assert plugin.engines[0].load_order == [busy, rare, other, busy]
 
 
 def test_client_disconnect_closes_the_generation_and_frees_the_slot(start: Callable) -> None:
@@ -362,3 +461,45 @@ def test_request_log_observer_writes_one_json_line_per_request(setup: tuple[Work
     assert [(r["status"], r["adapter_id"]) for r in lines] == [(200, ids[0]), (404, None), (422, ids[1])]
     assert f'clara_requests_total{{adapter="{ids[1]}",endpoint="/generate",status="422"}} 1.0' in metrics
     assert lines[0]["completion_tokens"] == 2 and lines[0]["selection"] == "named" and lines[0]["request_id"]
+
+
+def test_engine_failure_counts_as_engine_error_not_client_closed(
+    setup: tuple[Workspace, list[str]],
+) -> None:
+    from clara_core.serving.requestlog import JsonlRequestLog
+
+    workspace, ids = setup
+    log_path = workspace.metadata_dir / "logs" / "requests.jsonl"
+    manager = PluginManager(load_entry_points=False)
+    manager.register(FakePlugin(), name="fake")
+    state = prepare(
+        workspace,
+        manager,
+        engine_name="holding",
+        base_name=None,
+        settings=ServeSettings(),
+        observers=[JsonlRequestLog(log_path)],
+    )
+    with BackgroundServer(state) as server:
+        failed = httpx.post(server.url + "/generate", json={"prompt": "crash", "adapter_id": ids[0]})
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["code"] == "engine_error"
+        assert error["message"] == (
+            "engine 'holding' failed during generation: RuntimeError: the device fell over"
+        )
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json={"model": ids[0], "prompt": "crash", "stream": True}
+        ) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert events[0]["choices"][0]["text"] == f"{ids[0]}:crash"
+        assert events[-1]["error"]["code"] == "engine_error"
+        metrics = httpx.get(server.url + "/metrics").text
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(r["status"], r["error_code"], r["adapter_id"]) for r in lines] == [
+        (500, "engine_error", ids[0]),
+        (500, "engine_error", ids[0]),
+    ]
+    assert f'clara_engine_errors_total{{adapter="{ids[0]}"}} 2.0' in metrics
+    assert f'clara_requests_total{{adapter="{ids[0]}",endpoint="/generate",status="500"}} 1.0' in metrics
+    assert 'status="499"' not in metrics

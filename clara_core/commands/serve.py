@@ -57,7 +57,8 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     default=8,
     show_default=True,
     type=int,
-    help="Adapters loaded at once; beyond it the least recently used idle one is unloaded.",
+    help="Adapters loaded at once (slots); a request for another one waits for the least recently used "
+    "slot to free, first come first served.",
 )
 @click.option(
     "--api-key",
@@ -71,7 +72,16 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     default=64,
     show_default=True,
     type=int,
-    help="Requests held at once (generating or waiting); more answer 503 at once.",
+    help="Requests held at once (generating or waiting for an adapter slot); more answer 503 at once, "
+    "with Retry-After.",
+)
+@click.option(
+    "--queue-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=24 * 3600),
+    metavar="SECONDS",
+    help="Longest wait for an adapter slot; a longer one answers 503 with Retry-After.",
 )
 @click.option(
     "--max-body",
@@ -113,6 +123,7 @@ def serve(
     max_loaded: int,
     api_key: str | None,
     max_queue: int,
+    queue_timeout: float,
     max_body_bytes: int,
     read_timeout: float,
     log_requests: bool,
@@ -137,6 +148,7 @@ def serve(
     settings = ServeSettings(
         max_loaded=max_loaded,
         max_queue=max_queue,
+        queue_timeout=queue_timeout,
         api_key=api_key,
         max_body_bytes=max_body_bytes,
         read_timeout=read_timeout,

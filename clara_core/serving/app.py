@@ -62,8 +62,15 @@ class GenerateBody(_Strict):
 # -- middleware ------------------------------------------------------------------------------------------------
 
 
-def _json_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status)
+def _json_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def _error_headers(exc: ClaraError) -> dict[str, str] | None:
+    retry_after = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 class LimitsMiddleware:
@@ -165,19 +172,21 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     app = FastAPI(title="clara", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.clara = state
 
-    def failed(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    def failed(
+        request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
         state.observe(
             RequestRecord(
                 request_id="", endpoint=request.url.path, status=status, error_code=code, selection="none"
             )
         )
-        return _json_response(status, code, message)
+        return _json_response(status, code, message, headers)
 
     @app.exception_handler(ClaraError)
     async def clara_error(request: Request, exc: ClaraError) -> JSONResponse:
         if getattr(exc, "_clara_observed", False):
-            return _json_response(exc.http_status, exc.code, exc.message)
-        return failed(request, exc.http_status, exc.code, exc.message)
+            return _json_response(exc.http_status, exc.code, exc.message, _error_headers(exc))
+        return failed(request, exc.http_status, exc.code, exc.message, _error_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -202,7 +211,11 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
             "loaded_adapters": state.engine.loaded_adapters(),
             "default_adapter": state.default_adapter,
             "max_loaded": state.settings.max_loaded,
-            "queue": {"in_flight": state.admission.in_flight, "max_queue": state.settings.max_queue},
+            "queue": {
+                "in_flight": state.admission.in_flight,
+                "max_queue": state.settings.max_queue,
+                **state.adapters.queue(),
+            },
             "router": state.settings.router_name,
             "capabilities": attrs.asdict(caps),
             "engine_details": state.engine.health(),

@@ -7,6 +7,7 @@ from typing import Any
 from .requestlog import RequestRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
@@ -45,6 +46,22 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "clara_adapter_queue_wait_seconds",
+            "Time a request waited for its adapter's slot (0 when it was loaded), by adapter",
+            ["adapter"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.queue_waiting = Gauge(
+            "clara_adapter_queue_waiting", "Requests waiting for an adapter slot now", registry=r
+        )
+        self.queue_timeouts = Counter(
+            "clara_adapter_queue_timeouts",
+            "Requests answered 503 after waiting --queue-timeout for an adapter slot, by adapter",
+            ["adapter"],
+            registry=r,
+        )
         self.loads = Counter(
             "clara_adapter_loads", "Adapter loads (explicit and hot-swap)", ["adapter"], registry=r
         )
@@ -69,6 +86,12 @@ class Metrics:
         self.routes = Counter(
             "clara_route_decisions", "Routing decisions by chosen adapter", ["adapter"], registry=r
         )
+        self.engine_errors = Counter(
+            "clara_engine_errors",
+            "Requests that failed in the engine (answered 500 engine_error), by adapter",
+            ["adapter"],
+            registry=r,
+        )
         self.in_flight = Gauge("clara_in_flight_requests", "Requests admitted and not finished", registry=r)
         self.loaded = Gauge("clara_loaded_adapters", "Adapters loaded now", registry=r)
 
@@ -82,6 +105,8 @@ class Metrics:
             self.queue_time.labels(adapter).observe(rec.queue_seconds)
             if rec.first_token_seconds is not None:
                 self.first_token.labels(adapter).observe(rec.first_token_seconds)
+        if rec.error_code == "engine_error":
+            self.engine_errors.labels(adapter).inc()
         if rec.selection == "routed":
             self.routes.labels(adapter).inc()
 

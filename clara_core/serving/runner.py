@@ -117,6 +117,8 @@ def prepare(
         raise InvalidInput(f"--max-loaded must be at least 1, got {settings.max_loaded}")
     if settings.max_queue < 1:
         raise InvalidInput(f"--max-queue must be at least 1, got {settings.max_queue}")
+    if not 0 < settings.queue_timeout < float("inf"):
+        raise InvalidInput(f"--queue-timeout must be more than 0 seconds, got {settings.queue_timeout:g}")
     engine_name = engine_name or DEFAULT_ENGINE
     registration = plugins.engine(engine_name)
     settings.engine_name = registration.name

@@ -19,12 +19,12 @@ from typing import Any
 
 import attrs
 
-from ..errors import ClaraError, InvalidInput
+from ..errors import ClaraError, InvalidInput, first_line
 from ..registry import AdapterRecord, BaseRecord
 from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouterImpl
-from .adapters import AdapterManager
+from .adapters import DEFAULT_QUEUE_TIMEOUT, AdapterManager
 from .admission import Admission
-from .errors import error_body
+from .errors import EngineError, error_body
 from .metrics import Metrics
 from .requestlog import RequestObserver, RequestRecord
 from .streaming import sse
@@ -38,6 +38,8 @@ class ServeSettings:
 
     max_loaded: int = 8
     max_queue: int = 64
+    #: Seconds a request waits for an adapter slot before 503 ``queue_timeout``.
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     #: Seconds a client has to send a request's head, and again its body; slower connections are closed.
@@ -102,7 +104,15 @@ class Generation:
             status, code = exc.http_status, exc.code
             exc._clara_observed = True  # type: ignore[attr-defined]  # recorded below, not again by the handler
             raise
-        except BaseException:  # client gone (cancelled) or engine failure
+        except Exception as exc:  # the engine failed: an engine error (500), not the client's doing
+            error = EngineError(
+                f"engine '{self.state.settings.engine_name}' failed during generation: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            )
+            status, code = error.http_status, error.code
+            error._clara_observed = True  # type: ignore[attr-defined]
+            raise error from exc
+        except BaseException:  # client gone: the request was cancelled or the stream closed
             status, code = 499, "client_closed"
             raise
         finally:
@@ -153,7 +163,12 @@ class ServerState:
         self.observers: list[RequestObserver] = [self.metrics, *observers]
         self.admission = Admission(settings.max_queue)
         self.adapters = AdapterManager(
-            engine, base, lookup, max_loaded=settings.max_loaded, metrics=self.metrics
+            engine,
+            base,
+            lookup,
+            max_loaded=settings.max_loaded,
+            metrics=self.metrics,
+            queue_timeout=settings.queue_timeout,
         )
         self.default_adapter: str | None = None
         self.started_at = time.time()
@@ -221,9 +236,9 @@ class ServerState:
         )
         request.adapter_id = selection.adapter_id
         stack = AsyncExitStack()
-        self.admission.enter()
-        stack.callback(self.admission.leave)
         try:
+            self.admission.enter()
+            stack.callback(self.admission.leave)
             await stack.enter_async_context(self.adapters.use(selection.adapter_id))
             record.queue_seconds = time.perf_counter() - started
             prompt_tokens = self.engine.count_tokens(request.prompt)
@@ -233,11 +248,31 @@ class ServerState:
                     f"context of {limit} tokens"
                 )
             chunks = self.engine.generate(request)
+        except ClaraError as exc:
+            await stack.aclose()
+            self._refused(record, exc, started)
+            raise
+        except Exception as exc:
+            await stack.aclose()
+            error = EngineError(
+                f"engine '{self.settings.engine_name}' failed to start the generation: "
+                f"{type(exc).__name__}: {first_line(exc)}"
+            )
+            self._refused(record, error, started)
+            raise error from exc
         except BaseException:
             await stack.aclose()
             raise
         self.metrics.in_flight.set(self.admission.in_flight)
         return Generation(self, record, selection, chunks, stack, started)
+
+    def _refused(self, record: RequestRecord, exc: ClaraError, started: float) -> None:
+        """Record a request that ended before its generation started (queue full or timed out, limits), with
+        the adapter it asked for; the error handler then does not record it again."""
+        record.status, record.error_code = exc.http_status, exc.code
+        record.latency_seconds = record.queue_seconds = time.perf_counter() - started
+        exc._clara_observed = True  # type: ignore[attr-defined]
+        self.observe(record)
 
 
 def usage(chunk: GenerationChunk) -> dict[str, int]:
