@@ -9,9 +9,10 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from click.testing import Result
+from click.testing import CliRunner, Result
 
 from clara_core import hookimpl
+from clara_core.cli import cli
 from clara_core.errors import ClaraError
 from clara_core.plugins import PluginManager
 from clara_core.serving.runner import prepare
@@ -128,3 +129,60 @@ def test_help_does_not_import_the_server_or_torch() -> None:
     assert "--max-loaded" in proc.stdout
     assert "--queue-timeout SECONDS" in proc.stdout and "[default: 30.0;" in proc.stdout
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "myhost.example"])
+def test_non_loopback_host_without_an_api_key_refuses_to_start(
+    run_cli: Callable[..., Result],
+    workspace_with_base: Workspace,
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+) -> None:
+    monkeypatch.delenv("CLARA_API_KEY", raising=False)
+    line = one_line_error(run_cli("serve", "--host", host, "--port", "0"))
+    assert f"refusing to listen on {host} without an API key" in line
+    assert "--api-key" in line and "--insecure-no-auth" in line
+    # an empty key is no key, from the flag or the environment
+    line = one_line_error(run_cli("serve", "--host", host, "--port", "0", "--api-key", ""))
+    assert "without an API key" in line
+    monkeypatch.setenv("CLARA_API_KEY", "")
+    assert "without an API key" in one_line_error(run_cli("serve", "--host", host, "--port", "0"))
+
+
+def test_insecure_no_auth_key_or_loopback_pass_the_auth_check(
+    run_cli: Callable[..., Result],
+    workspace_with_base: Workspace,
+    plugin_manager: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each of these gets past the check to the next error (an unknown base), so nothing is served here."""
+
+    class Plugin:
+        @hookimpl
+        def register_engines(self, register: Callable) -> None:
+            register(Engine("dummy", lambda base, options: None, "never built in these tests"))
+
+    plugin_manager.register(Plugin(), name="dummy")  # type: ignore[attr-defined]
+    monkeypatch.delenv("CLARA_API_KEY", raising=False)
+    serve = ("--engine", "dummy", "serve", "--port", "0", "--base", "nope")
+    for extra in (
+        ("--host", "127.0.0.1"),
+        ("--host", "localhost"),
+        ("--host", "::1"),
+        ("--host", "0.0.0.0", "--api-key", "k"),
+        ("--host", "0.0.0.0", "--insecure-no-auth"),
+    ):
+        result = run_cli(*serve, *extra)
+        assert result.exit_code == 1, (extra, result.output)
+        assert "base 'nope' is not registered" in result.output, (extra, result.output)
+        assert "refusing" not in result.output
+    monkeypatch.setenv("CLARA_API_KEY", "from-env")
+    result = run_cli(*serve, "--host", "0.0.0.0")
+    assert "base 'nope' is not registered" in result.output
+    warned = run_cli(*serve, "--host", "0.0.0.0", "--insecure-no-auth", "--api-key", "")
+    assert "warning: serving on 0.0.0.0 without an API key" in warned.output
+
+
+def test_help_states_the_auth_rule() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert "--insecure-no-auth" in result.output and "non-loopback" in result.output

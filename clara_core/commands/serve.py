@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import click
 
-from ..errors import InvalidInput
+from ..errors import ClaraError, InvalidInput
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (any name but ``localhost`` counts as not)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve beyond this machine without an API key (an empty key counts as none)."""
+    if api_key or insecure_no_auth or is_loopback(host):
+        return
+    raise ClaraError(
+        f"refusing to listen on {host} without an API key: anyone who reaches it could generate and load "
+        "adapters; set --api-key KEY (or CLARA_API_KEY), or pass --insecure-no-auth to serve without one"
+    )
 
 
 def api_key_setting(value: str | None) -> str | None:
@@ -41,7 +62,12 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; any other than loopback needs --api-key (or --insecure-no-auth).",
+)
 @click.option(
     "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one)."
 )
@@ -66,6 +92,11 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Require 'Authorization: Bearer KEY' on every route but /health. Prefer the environment variable "
     "CLARA_API_KEY: a key given as --api-key shows in the process list (ps) for every user of the machine. "
     "Printable ASCII without surrounding spaces; an empty key means no key.",
+)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Serve on a non-loopback --host without an API key (every route open to whoever reaches it).",
 )
 @click.option(
     "--max-queue",
@@ -122,6 +153,7 @@ def serve(
     preload: tuple[str, ...],
     max_loaded: int,
     api_key: str | None,
+    insecure_no_auth: bool,
     max_queue: int,
     queue_timeout: float,
     max_body_bytes: int,
@@ -140,10 +172,13 @@ def serve(
     from ..serving.runner import bind, prepare, run
     from ..serving.state import ServeSettings
 
+    api_key = api_key_setting(api_key)
+    check_auth(host, api_key, insecure_no_auth)
+    if insecure_no_auth and not api_key and not is_loopback(host):
+        click.echo(f"clara: warning: serving on {host} without an API key (--insecure-no-auth)", err=True)
     # CPU inference threads that spin while another process holds the cores slow a shared machine down many
     # times over; sleeping waits cost little (set OMP_WAIT_POLICY yourself to override)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    api_key = api_key_setting(api_key)
     workspace = obj.workspace()
     settings = ServeSettings(
         max_loaded=max_loaded,
