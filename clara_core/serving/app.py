@@ -174,10 +174,12 @@ def _validation_message(exc: RequestValidationError) -> str:
     errors = exc.errors()
     if not errors:
         return "invalid request"
-    first = errors[0]
+    # a bound of ours (a ValueError of a validator) says more than "not a string" of a union's other branch
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    # union branches appear in the location as tags such as 'function-after[...]' or 'list[...]': not a field
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)) or "body"
     message = f"{loc}: {first.get('msg')}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
