@@ -468,3 +468,109 @@ def test_serve_refuses_a_base_whose_weights_changed_since_registration(
 
 def _json(response: httpx.Response) -> Any:
     return json.loads(response.text)
+
+
+# -- 21: clients see ids and hashes, never the server's paths --------------------------------------------------
+
+
+def test_error_bodies_name_ids_not_server_paths(
+    start: Callable, ids: list[str], workspace_with_base: Workspace, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    server = start()
+    with Registry.open(workspace_with_base.registry_path) as registry:
+        folder = registry.get_adapter(ids[0]).path
+    shutil.rmtree(folder)  # the adapter's files are gone: 409 that used to name their absolute path
+    with client(server) as c:
+        conflict = c.post("/generate", json={"prompt": "x", "adapter_id": ids[0]})
+        assert conflict.status_code == 409
+        message = conflict.json()["error"]["message"]
+        assert f"<adapter {ids[0]}>" in message
+        # the registry itself unreadable: its error used to name the registry's absolute path
+        registry_db = workspace_with_base.registry_path
+        registry_db.rename(registry_db.with_suffix(".aside"))
+        registry_db.write_bytes(b"not a database at all, but long enough to be read as one" * 100)
+        broken = c.post("/generate", json={"prompt": "x", "adapter_id": ids[1]})
+        assert broken.status_code >= 400
+        for response in (conflict, broken):
+            text = response.text
+            assert str(workspace_with_base.root) not in text and str(folder) not in text, text
+            assert "/tmp" not in text and str(Path.home()) not in text, text
+    assert any(str(folder) in record.getMessage() for record in caplog.records)  # the log keeps them
+
+
+def test_redaction_keeps_routes_and_hides_paths() -> None:
+    from clara_core.serving.errors import redact_paths
+
+    message = "no chat template; use /v1/completions or /generate. Read /etc/hosts and '/tmp/x y/z'"
+    assert redact_paths(message) == (
+        "no chat template; use /v1/completions or /generate. Read <server path> and '<server path> y/z'"
+    )
+    assert redact_paths(
+        "in /srv/ws/models/a/b", [("/srv/ws", "<workspace>"), ("/srv/ws/models/a", "<a>")]
+    ) == ("in <a>/b")
+
+
+# -- 7: the weights served under an id are the weights whose checksum was checked (real engine) ----------------
+
+
+@pytest.mark.slow
+def test_weights_swapped_after_the_check_are_refused_not_served(
+    workspace_with_base: Workspace, tiny_base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from clara_core.serving import adapters as adapter_module
+    from clara_core.tinymodels import random_lora_adapter
+
+    made = {}
+    with Registry.open(workspace_with_base.registry_path) as registry:
+        base = registry.get_base("tiny")
+        for seed, domain in ((1, "steuer"), (2, "sozial")):
+            folder = random_lora_adapter(tiny_base_dir, tmp_path / domain, seed=seed)
+            draft = AdapterDraft(
+                domain=[domain],
+                method="lora",
+                rank=4,
+                base_model_hash=base.base_model_hash,
+                adapter_checksum=hashing.adapter_checksum(folder),
+            )
+            record = registry.register_adapter(draft, folder, workspace_with_base, place="copy")
+            made[domain] = record
+    victim, other = made["steuer"], made["sozial"]
+    weights = victim.path / hashing.ADAPTER_WEIGHTS
+    original = weights.read_bytes()
+    state = prepare(
+        workspace_with_base,
+        PluginManager(),  # the installed transformers engine
+        engine_name="transformers",
+        base_name=None,
+        settings=ServeSettings(api_key=KEY),
+    )
+    real_check = adapter_module.check_adapter_for_base
+    swap = threading.Event()
+
+    def check_then_swap(record: Any, base_record: Any) -> str:
+        checksum = real_check(record, base_record)
+        if (
+            swap.is_set() and record.id == victim.id
+        ):  # the other adapter's weights arrive right after the check
+            shutil.copyfile(other.path / hashing.ADAPTER_WEIGHTS, weights)
+        return checksum
+
+    monkeypatch.setattr(adapter_module, "check_adapter_for_base", check_then_swap)
+    body = {"prompt": "Das Finanzamt setzt", "max_tokens": 8, "ignore_eos": True}
+    with BackgroundServer(state) as server, client(server, timeout=120) as c:
+        own = c.post("/generate", json={**body, "adapter_id": victim.id}).json()["text"]
+        foreign = c.post("/generate", json={**body, "adapter_id": other.id}).json()["text"]
+        assert own != foreign
+        assert c.post("/unload_adapter", json={"adapter_id": victim.id}).status_code == 200
+        swap.set()
+        refused = c.post("/generate", json={**body, "adapter_id": victim.id})
+        assert refused.status_code == 409, refused.text
+        assert "files changed since registration" in refused.json()["error"]["message"]
+        assert victim.id not in c.get("/health").json()["loaded_adapters"]
+        swap.clear()
+        weights.write_bytes(original)
+        assert c.post("/generate", json={**body, "adapter_id": victim.id}).json()["text"] == own
