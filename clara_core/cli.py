@@ -72,11 +72,12 @@ class ClaraGroup(click.Group):
             return
         self._plugin_commands_added = True
         obj = ctx.find_object(ClaraContext)
-        manager = obj.plugins if obj is not None else get_plugin_manager()
         try:
+            manager = obj.plugins if obj is not None else get_plugin_manager()
             manager.add_commands(self)
-        except ClaraError as exc:  # pragma: no cover - add_commands reports failures as warnings
-            click.echo(f"clara: warning: {exc}", err=True)
+        except ClaraError as exc:  # CLARA_LOAD_PLUGINS names nothing installed: the commands that need
+            click.echo(f"clara: warning: {exc}", err=True)  # plugins fail with it, --help still works
+            return
         warn_once(manager, lambda line: click.echo(line, err=True))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -95,10 +96,8 @@ class ClaraGroup(click.Group):
             return super().invoke(ctx)
         except ClaraError as exc:
             raise UserError(exc) from None
-        except sqlite3.OperationalError as exc:
-            raise UserError(
-                ClaraError(f"registry error: {exc}; is another clara process holding it?")
-            ) from None
+        except sqlite3.Error as exc:  # one the registry's connection did not classify (see registry_db)
+            raise UserError(ClaraError(f"registry error: {exc}")) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing half-made was kept.", err=True)
             ctx.exit(130)

@@ -39,6 +39,14 @@ def base_shapes(base_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def _adapter_init(adapter_path: Path) -> object:
+    try:
+        config = json.loads((adapter_path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("init_lora_weights") if isinstance(config, dict) else None
+
+
 def _module_of(key: str) -> tuple[str, str] | None:
     """``base_model.model.model.layers.0.q_proj.lora_A.weight`` -> (``model.layers.0.q_proj``, ``lora_A``)."""
     for marker in (".lora_A.", ".lora_B."):
@@ -51,11 +59,36 @@ def _module_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+#: LoRA initialisations that move part of the base's weights into the adapter (PEFT rewrites the base as
+#: W_res = W - A0 B0): their adapters fit only the changed base unless saved converted to a plain LoRA
+#: (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``), which PEFT can do for these.
+CONVERTIBLE_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")
+#: ... and for these it cannot (LoftQ replaces the base weights by their quantised approximation).
+UNCONVERTIBLE_BASE_CHANGING_INITS = ("loftq",)
+
+
+def base_changing_init(init_lora_weights: object) -> str | None:
+    """The name of a base-changing initialisation (``pissa``, ``olora``, ...) or ``None`` for one that leaves
+    the base as it is (``True``, ``gaussian``, ``eva``, ...)."""
+    text = str(init_lora_weights).strip().lower()
+    for name in CONVERTIBLE_BASE_CHANGING_INITS + UNCONVERTIBLE_BASE_CHANGING_INITS:
+        if text == name or text.startswith(name + "_"):
+            return name
+    return None
+
+
 def adapter_base_mismatches(adapter_path: Path, base_path: Path, limit: int = 3) -> list[str]:
     """Human-readable reasons why the adapter does not fit the base; empty when it fits."""
     adapter = safetensors_shapes(adapter_path / "adapter_model.safetensors")
     base = base_shapes(base_path)
     problems: list[str] = []
+    init = _adapter_init(adapter_path)
+    if base_changing_init(init) is not None:
+        problems.append(
+            f"its init_lora_weights {init!r} changed the base's weights while it was trained, so it fits only "
+            "that changed base; save it converted to a plain LoRA (PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and register that"
+        )
     for key, shape in sorted(adapter.items()):
         parsed = _module_of(key)
         if parsed is None:

@@ -32,6 +32,53 @@ class RegistryError(ClaraError):
     code = "registry_error"
 
 
+# -- storage faults: each gets its own honest message, never "not a clara registry" ---------------------------
+
+
+class NotWritable(ClaraError):
+    """A folder or file clara must write is read-only (mount, permissions); the message names it."""
+
+    http_status = 503
+    code = "not_writable"
+
+
+class DiskFull(ClaraError):
+    """No space left on the disk clara writes to; the message names the folder."""
+
+    http_status = 507
+    code = "disk_full"
+
+
+class RegistryLocked(RegistryError):
+    """Another process holds ``registry.db``'s lock longer than clara waits; retrying is the remedy."""
+
+    http_status = 503
+    code = "registry_locked"
+
+
+class RegistryReadOnly(RegistryError, NotWritable):
+    http_status = 503
+    code = "registry_read_only"
+
+
+class RegistryDiskFull(RegistryError, DiskFull):
+    http_status = 507
+    code = "registry_disk_full"
+
+
+class RegistryCorrupt(RegistryError):
+    """``registry.db`` is damaged; the message says how to recover its rows (``sqlite3 ... .recover``)."""
+
+    http_status = 500
+    code = "registry_corrupt"
+
+
+class RegistryEmpty(RegistryError):
+    """``registry.db`` is zero bytes in a workspace that holds adapters or bases: it was lost, not new."""
+
+    code = "registry_empty"
+
+
 class NotFound(ClaraError):
     http_status = 404
     code = "not_found"

@@ -1,19 +1,25 @@
 """The plugin API: every hook clara calls.
 
-A plugin is a module with functions marked ``@clara_core.hookimpl`` whose names match the hooks below, made
-known to clara by an entry point in the group ``clara``::
+A plugin is a module with functions marked ``@hookimpl`` (from :mod:`clara_core.plugin_api`) whose names match
+the hooks below, made known to clara by an entry point in the group ``clara``::
 
     # pyproject.toml of clara-plugin-example
     [project.entry-points.clara]
     example = "clara_plugin_example"
 
 Each ``register_<things>`` hook receives a ``register`` callback; call it once per thing with an instance of
-the matching class from :mod:`clara_core.types`. clara validates what is registered (names, duplicates across
-plugins) and builds implementations lazily through their ``factory``.
+the matching registration class. clara validates what is registered (names, duplicates across plugins) and
+builds implementations lazily through the registration's ``create()``, which checks that the ``factory``
+returned the kind's interface and names the plugin when it did not.
 
-pluggy passes a hook implementation only the arguments it names, so hooks can gain arguments later without
-breaking existing plugins. Keep the plugin module's imports light: import torch, transformers, peft, vllm or
-llama_cpp inside the factory or the implementation's methods, so that ``clara --help`` stays fast.
+A plugin imports from :mod:`clara_core.plugin_api` only (every name below comes from there) and pins the core
+versions it works with in its ``pyproject.toml`` (``"clara-core>=0.1,<0.2"``). pluggy passes a hook
+implementation only the arguments it names, so hooks can gain arguments later without breaking existing
+plugins; the interfaces' methods take one request object each, whose new fields get defaults, for the same
+reason. Keep the plugin module's imports light: import torch, transformers, peft, vllm or llama_cpp inside the
+factory or the implementation's methods, so that ``clara --help`` stays fast.
+
+Every ``Example::`` below runs in ``tests/test_plugin_api.py``.
 """
 
 from __future__ import annotations
@@ -31,29 +37,29 @@ def register_trainer_methods(register: Any) -> None:
     """Register trainer methods (``clara train --method NAME``).
 
     Call ``register(TrainerMethod(name, factory, description, options))``; ``factory()`` returns a
-    :class:`clara_core.types.TrainerMethodImpl`. The shared training loop calls the implementation's
+    :class:`~clara_core.plugin_api.TrainerMethodImpl`. The shared training loop calls the implementation's
     ``load_base``, ``prepare`` and ``peft_config``; declared ``options`` become flags of ``clara train`` and
     reach the implementation in ``spec.options``.
 
     Example::
 
-        from clara_core import hookimpl
-        from clara_core.types import Option, TrainerMethod, TrainerMethodImpl
+        from clara_core.plugin_api import Option, TrainerMethod, TrainerMethodImpl, hookimpl
 
-        class IA3Like(TrainerMethodImpl):
+        class MyLora(TrainerMethodImpl):
             def load_base(self, base_path, spec, *, dtype=None, device_map=None):
                 from transformers import AutoModelForCausalLM
-                return AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=dtype)
+                return AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map=device_map)
 
             def peft_config(self, model, spec, target_modules):
                 from peft import LoraConfig
                 return LoraConfig(r=spec.rank, lora_alpha=spec.effective_alpha,
+                                  lora_dropout=spec.options["dropout"],
                                   target_modules=target_modules, task_type="CAUSAL_LM")
 
         @hookimpl
         def register_trainer_methods(register):
-            register(TrainerMethod("mylora", IA3Like, "LoRA, my way",
-                                   options=[Option("init_scale", float, 1.0, "scale of B at init")]))
+            register(TrainerMethod("mylora", MyLora, "LoRA, my way",
+                                   options=[Option("dropout", float, 0.1, "dropout of the LoRA layers")]))
     """
 
 
@@ -62,19 +68,20 @@ def register_merge_strategies(register: Any) -> None:
     """Register merge strategies (``clara composite build --strategy NAME``).
 
     Call ``register(MergeStrategy(name, factory, description, options))``; ``factory()`` returns a
-    :class:`clara_core.types.MergeStrategyImpl` whose ``merge_module`` combines the components' deltas of one
-    module. Declared ``options`` become flags of ``clara composite build`` (``--density 0.5``) and reach
-    ``merge_module`` as the ``options`` mapping, so the core never needs to know them.
+    :class:`~clara_core.plugin_api.MergeStrategyImpl` whose ``merge_module(request)`` combines the components'
+    deltas of one module (a :class:`~clara_core.plugin_api.ModuleMergeRequest`: ``module``, ``deltas``,
+    ``weights``, ``base_weight``, ``options``). Declared ``options`` become flags of ``clara composite build``
+    (``--density 0.5``) and reach the strategy as ``request.options``, so the core never needs to know them.
 
     Example::
 
-        from clara_core import hookimpl
-        from clara_core.types import MergedModule, MergeStrategy, MergeStrategyImpl, Option
+        from clara_core.plugin_api import MergedModule, MergeStrategy, MergeStrategyImpl, Option, hookimpl
 
         class Mean(MergeStrategyImpl):
-            def merge_module(self, module, deltas, weights, base_weight, options):
+            def merge_module(self, request):
+                deltas = request.deltas
                 dense = sum(d.scaling * (d.lora_B @ d.lora_A) for d in deltas) / len(deltas)
-                return MergedModule(dense_delta=dense * options["gain"])
+                return MergedModule(dense_delta=dense * request.options["gain"])
 
         @hookimpl
         def register_merge_strategies(register):
@@ -88,14 +95,13 @@ def register_engines(register: Any) -> None:
     """Register serving engines (``clara --engine NAME serve``).
 
     Call ``register(Engine(name, factory, description, options))``; ``factory(base, options)`` gets the
-    served :class:`clara_core.registry.BaseRecord` and :class:`clara_core.types.EngineOptions` and returns a
-    :class:`clara_core.types.EngineImpl`. The engine loads the base once in ``start()``, then loads and unloads
+    served :class:`~clara_core.plugin_api.BaseRecord` and :class:`~clara_core.plugin_api.EngineOptions` and
+    returns a :class:`~clara_core.plugin_api.EngineImpl`. The engine loads the base once in ``start()``, then loads and unloads
     adapters at run time and streams generations; clara's HTTP server, checks, queueing and metrics are shared.
 
     Example::
 
-        from clara_core import hookimpl
-        from clara_core.types import Engine
+        from clara_core.plugin_api import Engine, hookimpl
 
         def make_engine(base, options):
             from clara_plugin_myengine.engine import MyEngine  # heavy imports live there
@@ -112,19 +118,20 @@ def register_exporters(register: Any) -> None:
     """Register export targets (``clara export NAME ADAPTER_ID``).
 
     Call ``register(Exporter(name, factory, description, options))``; ``factory()`` returns a
-    :class:`clara_core.types.ExporterImpl` whose ``export(adapter, base, out_dir, options)`` writes files into a
-    temporary ``out_dir`` that clara moves into place and records in the registry only on success.
+    :class:`~clara_core.plugin_api.ExporterImpl` whose ``export(request)`` (an
+    :class:`~clara_core.plugin_api.ExportRequest`: ``adapter``, ``base``, ``out_dir``, ``options``) writes files
+    into a temporary ``request.out_dir`` that clara moves into place and records in the registry only on
+    success.
 
     Example::
 
         import shutil
-        from clara_core import hookimpl
-        from clara_core.types import Exporter, ExporterImpl, ExportResult
+        from clara_core.plugin_api import Exporter, ExporterImpl, ExportResult, hookimpl
 
         class CopyExporter(ExporterImpl):
-            def export(self, adapter, base, out_dir, options):
-                target = out_dir / "adapter_model.safetensors"
-                shutil.copy(adapter.path / "adapter_model.safetensors", target)
+            def export(self, request):
+                target = request.out_dir / "adapter_model.safetensors"
+                shutil.copy(request.adapter.path / "adapter_model.safetensors", target)
                 return ExportResult(files=[target], message=f"copied to {target}")
 
         @hookimpl
@@ -138,19 +145,22 @@ def register_routers(register: Any) -> None:
     """Register routers (``clara route --router NAME``, ``clara serve --router NAME``).
 
     Call ``register(Router(name, factory, description, options))``; ``factory()`` returns a
-    :class:`clara_core.types.RouterImpl` that can be fitted on registered adapters, saved, loaded and asked to
-    route a prompt to an adapter (or to the base with ``adapter_id=None``).
+    :class:`~clara_core.plugin_api.RouterImpl` that can be fitted on registered adapters
+    (``fit(request)``, a :class:`~clara_core.plugin_api.RouterFitRequest`: ``adapters``, ``base``,
+    ``options``), saved, loaded and asked to route a prompt (``route(request)``, a
+    :class:`~clara_core.plugin_api.RouteRequest`) to an adapter (or to the base with ``adapter_id=None``).
 
     Example::
 
-        from clara_core import hookimpl
-        from clara_core.types import RouteDecision, Router, RouterImpl
+        import json
+        from clara_core.plugin_api import RouteDecision, Router, RouterImpl, hookimpl
 
         class FirstWord(RouterImpl):
-            def fit(self, adapters, base, options):
-                self.by_domain = {a.domain[0]: a.id for a in adapters}
-            def route(self, prompt):
-                adapter = self.by_domain.get(prompt.split()[0].lower())
+            def fit(self, request):
+                self.by_domain = {a.domain[0]: a.id for a in request.adapters}
+            def route(self, request):
+                words = request.prompt.split()
+                adapter = self.by_domain.get(words[0].lower()) if words else None
                 return RouteDecision(adapter, 1.0 if adapter else 0.0)
             def save(self, state_dir):
                 (state_dir / "map.json").write_text(json.dumps(self.by_domain))
@@ -170,7 +180,7 @@ def register_commands(cli: Any) -> None:
     Example::
 
         import click
-        from clara_core import hookimpl
+        from clara_core.plugin_api import hookimpl
 
         @hookimpl
         def register_commands(cli):

@@ -137,3 +137,72 @@ def m001_initial(db: Database) -> None:
         {"path": str, "size": int, "mtime_ns": int, "sha256": str},
         pk="path",
     )
+
+
+@migrations()
+def m002_provenance_and_removed_ids(db: Database) -> None:
+    """``adapters.placed_by_clara``: whether clara put the folder in place (only then may ``rm`` delete it);
+    ``removed_adapters``: one tombstone per removed id, so that versions keep counting and no id is reused.
+
+    Rows registered before this migration count as placed by clara when their last registration was an
+    ``adapter.register`` inside the workspace (not a JSON import); ids removed before it get their tombstone
+    from the audit log.
+    """
+    import json
+    import re
+
+    db.table("adapters").add_column("placed_by_clara", int, not_null_default=0)
+    db.execute(
+        """
+        UPDATE adapters SET placed_by_clara = 1
+        WHERE path NOT LIKE '/%'
+          AND COALESCE((SELECT MAX(id) FROM audit_log
+                        WHERE action = 'adapter.register' AND subject = adapters.id), 0)
+            > COALESCE((SELECT MAX(a.id) FROM audit_log a, json_each(a.details, '$.added') j
+                        WHERE a.action = 'registry.import' AND json_valid(a.details) AND j.value = adapters.id), 0)
+        """
+    )
+    db.table("removed_adapters").create(
+        {
+            "id": str,
+            "domain_key": str,
+            "method": str,
+            "rank": int,
+            "version": int,
+            "adapter_checksum": str,
+            "removed": str,
+        },
+        pk="id",
+        not_null={"domain_key", "method", "rank", "version", "removed"},
+    )
+    db.table("removed_adapters").create_index(["domain_key", "method", "rank", "version"])
+
+    id_parts = re.compile(r"^([a-z0-9][a-z0-9_.]*)-([a-z0-9][a-z0-9_]*)-r(\d+)-v(\d+)$")
+    registered = {row[0] for row in db.execute("SELECT id FROM adapters").fetchall()}
+    checksums: dict[str, str | None] = {}
+    for _, ts, action, subject, details in db.execute(
+        "SELECT id, ts, action, subject, details FROM audit_log "
+        "WHERE action IN ('adapter.register', 'adapter.remove') ORDER BY id"
+    ).fetchall():
+        try:
+            detail = json.loads(details or "{}")
+        except ValueError:
+            detail = {}
+        if action == "adapter.register":
+            checksums[subject] = detail.get("adapter_checksum") if isinstance(detail, dict) else None
+            continue
+        match = id_parts.match(subject or "")
+        if match is None or subject in registered:
+            continue
+        db.table("removed_adapters").upsert(
+            {
+                "id": subject,
+                "domain_key": match[1],
+                "method": match[2],
+                "rank": int(match[3]),
+                "version": int(match[4]),
+                "adapter_checksum": checksums.get(subject),
+                "removed": ts,
+            },
+            pk="id",
+        )

@@ -2,8 +2,11 @@
 
 Plugins are modules behind entry points of the group ``clara``; they load on first use, not at import.
 ``CLARA_LOAD_PLUGINS=a,b`` limits which installed plugins load (entry-point or distribution names; an empty
-value loads none). A plugin whose import fails is reported as a warning and the rest of clara keeps working.
-Two plugins registering the same name is an error that names both distributions.
+value loads none; a name that matches no installed plugin is an error that lists the installed ones). A plugin
+whose import fails, or whose pinned ``clara-core`` range excludes this core, is reported as a warning and the
+rest of clara keeps working. Two plugins registering the same name is an error that names both distributions.
+Each registration collected here carries ``registered_by`` (plugin, distribution, version), so that its
+``create()`` can name the plugin when the implementation it builds is not what the kind promises.
 
 Tests build a fresh :class:`PluginManager` and register fake plugins into it; nothing global needs undoing.
 """
@@ -22,7 +25,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownPluginName
+from .errors import PluginError, UnknownPluginName, first_line
 from .types import (
     REGISTRATION_KINDS,
     Engine,
@@ -40,18 +43,14 @@ ENTRY_POINT_GROUP = "clara"
 #: core itself, and they load exactly like the rest.
 DEFAULT_PLUGINS: tuple[str, ...] = ()
 
-#: The distributions that provide the names clara's own plugins register, for "install X" hints.
+#: The distributions that provide the names clara's own plugins register, for "install X" hints. Only
+#: distributions that exist under ``plugins/`` belong here (``tests/test_plugin_api.py`` checks it).
 KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("trainer method", "lora"): "clara-plugin-lora",
     ("trainer method", "qlora"): "clara-plugin-qlora",
     ("trainer method", "dora"): "clara-plugin-dora",
     ("engine", "transformers"): "clara-plugin-transformers",
     ("engine", "vllm"): "clara-plugin-vllm",
-    ("engine", "llamacpp"): "clara-plugin-gguf",
-    ("exporter", "ollama"): "clara-plugin-gguf",
-    ("merge strategy", "ties"): "clara-plugin-merge-ties",
-    ("merge strategy", "dare_ties"): "clara-plugin-merge-ties",
-    ("merge strategy", "dare_linear"): "clara-plugin-merge-ties",
 }
 
 R = TypeVar("R", bound=Registration)
@@ -67,6 +66,8 @@ class PluginInfo:
     module: str
     registers: dict[str, list[str]] = attrs.field(factory=dict)
     hooks: list[str] = attrs.field(factory=list)
+    #: What it registered, in registration order (for ``clara plugins``: descriptions and options).
+    registrations: list[Registration] = attrs.field(factory=list)
 
 
 def install_hint(distribution: str) -> str:
@@ -92,6 +93,7 @@ class PluginManager:
         self._default_plugins = tuple(default_plugins)
         self._only = None if only is None else {n.strip() for n in only if n.strip()}
         self._loaded = False
+        self._load_error: PluginError | None = None
 
     # -- loading -----------------------------------------------------------------------------------------------
 
@@ -102,7 +104,13 @@ class PluginManager:
         return cls(only=only)
 
     def load(self) -> PluginManager:
-        """Import default and installed plugins once; later calls do nothing."""
+        """Import default and installed plugins once; later calls do nothing.
+
+        Raises :class:`PluginError` (now and on every later call) when ``CLARA_LOAD_PLUGINS`` names a plugin
+        that is not installed, listing what is.
+        """
+        if self._load_error is not None:
+            raise self._load_error
         if self._loaded:
             return self
         self._loaded = True
@@ -115,6 +123,8 @@ class PluginManager:
             self.register(module, name=module_name, distribution="clara-core", version=_version("clara-core"))
         if self._load_entry_points:
             self._load_installed()
+        if self._load_error is not None:
+            raise self._load_error
         return self
 
     def _load_installed(self) -> None:
@@ -124,13 +134,19 @@ class PluginManager:
             self.warnings.append(f"could not read installed plugins: {_describe(exc)}")
             return
         seen: set[str] = set()
+        installed: dict[str, str] = {}  # entry-point name -> distribution
         for ep in sorted(entry_points, key=lambda e: e.name):
             dist_name = ep.dist.name if ep.dist is not None else ep.name
             version = ep.dist.version if ep.dist is not None else "unknown"
+            installed.setdefault(ep.name, dist_name)
             if ep.name in seen or ep.name in self._infos:
                 continue
             seen.add(ep.name)
             if self._only is not None and ep.name not in self._only and dist_name not in self._only:
+                continue
+            mismatch = core_version_mismatch(ep.dist)
+            if mismatch:
+                self.warnings.append(f"plugin '{ep.name}' ({dist_name} {version}) is skipped: {mismatch}")
                 continue
             try:
                 module = ep.load()
@@ -143,6 +159,16 @@ class PluginManager:
                 self.register(module, name=ep.name, distribution=dist_name, version=version)
             except PluginError as exc:
                 self.warnings.append(f"plugin '{ep.name}' ({dist_name} {version}) is skipped: {exc}")
+        if self._only:
+            known = set(installed) | set(installed.values()) | set(self._default_plugins)
+            unknown = sorted(self._only - known)
+            if unknown:
+                listing = ", ".join(f"{name} ({dist})" for name, dist in sorted(installed.items())) or "none"
+                names = ", ".join(f"'{n}'" for n in unknown)
+                self._load_error = PluginError(
+                    f"CLARA_LOAD_PLUGINS names {names}, which no installed plugin has; installed: {listing}. "
+                    "Use these entry-point or distribution names, or unset CLARA_LOAD_PLUGINS"
+                )
 
     def register(
         self,
@@ -194,7 +220,7 @@ class PluginManager:
                 if not isinstance(item, cls):
                     raise PluginError(
                         f"plugin '{_plugin}' registered {item!r} from {hook_name}; "
-                        f"expected a clara_core.types.{cls.__name__}"
+                        f"expected a clara_core.plugin_api.{cls.__name__}"
                     )
                 if item.name in collected:
                     first = collected[item.name][1]
@@ -203,7 +229,7 @@ class PluginManager:
                         f"{self._distribution(first)} and {self._distribution(_plugin)}; "
                         "uninstall one of them or limit loading with CLARA_LOAD_PLUGINS"
                     )
-                collected[item.name] = (item, _plugin)
+                collected[item.name] = (attrs.evolve(item, registered_by=self._origin(_plugin)), _plugin)
 
             kwargs = {"register": register}
             try:
@@ -216,14 +242,22 @@ class PluginManager:
                     f"{_describe(exc)}"
                 ) from exc
             if info is not None:
-                names = [n for n, (_, p) in collected.items() if p == plugin_name]
-                info.registers[cls.kind] = names
+                mine = [item for item, p in collected.values() if p == plugin_name]
+                info.registers[cls.kind] = [item.name for item in mine]
+                info.registrations = [r for r in info.registrations if not isinstance(r, cls)] + mine
         self._registrations[hook_name] = collected
         return collected
 
     def _distribution(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)
         return info.distribution if info else plugin_name
+
+    def _origin(self, plugin_name: str) -> str:
+        """``plugin 'name' (distribution version)``, for messages about what the plugin registered."""
+        info = self._infos.get(plugin_name)
+        if info is None:
+            return f"plugin '{plugin_name}'"
+        return f"plugin '{plugin_name}' ({info.distribution} {info.version})"
 
     def _get(self, hook_name: str, name: str) -> Registration:
         collected = self._collect(hook_name)
@@ -306,8 +340,41 @@ def _typed(item: Registration, cls: type[R]) -> R:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """``Type: first line of the message`` (just ``Type`` when there is no message)."""
+    name, line = type(exc).__name__, first_line(exc)
+    return name if line == name else f"{name}: {line}"
+
+
+def core_version_mismatch(dist: importlib.metadata.Distribution | None) -> str | None:
+    """Why ``dist`` cannot run on this clara-core: the range it pins (``Requires-Dist: clara-core>=0.1,<0.2``)
+    excludes the running version. ``None`` when it fits, pins nothing, or cannot be told.
+
+    pip enforces the pin at install time, but not for plugins installed with ``--no-deps`` (the vLLM plugin on
+    machines without CUDA) or copied onto the path; this check makes the pin hold at load time too.
+    """
+    if dist is None:
+        return None
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.utils import canonicalize_name
+    except ImportError:  # pragma: no cover - packaging comes with every pip-managed environment
+        return None
+    core = _version("clara-core")
+    if core == "unknown":
+        return None
+    for line in dist.requires or []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(requirement.name) != "clara-core" or requirement.marker is not None:
+            continue
+        if requirement.specifier and not requirement.specifier.contains(core, prereleases=True):
+            return (
+                f"it works with clara-core{requirement.specifier}, this is clara-core {core}; install a version "
+                f"of the plugin made for clara-core {core}"
+            )
+    return None
 
 
 def _version(distribution: str) -> str:

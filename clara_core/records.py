@@ -70,6 +70,101 @@ class BaseRecord:
         }
 
 
+@attrs.frozen
+class Column:
+    """One column of the ``adapters`` table: its SQL type, and how a record holds its value."""
+
+    name: str
+    sql_type: type  # str, int or float, as sqlite-utils creates them
+    #: JSON columns: the Python type the text decodes to (list or dict); None for plain values.
+    json: type | None = None
+    boolean: bool = False  # stored as 0/1, handed out as bool
+    not_null: bool = False
+    #: Part of the exported registry entry (``to_entry``); provenance that only holds here is not.
+    exported: bool = True
+
+    def encode(self, value: Any) -> Any:
+        if self.json is not None:
+            return _dumps(self.json() if value is None else value)
+        if self.boolean:
+            return int(bool(value))
+        return value
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` (not None) fits this column, as it comes from JSON."""
+        if self.json is not None:
+            return isinstance(value, self.json)
+        if self.boolean:
+            return isinstance(value, bool | int)
+        if self.sql_type is float:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, self.sql_type) and not isinstance(value, bool)
+
+    def describe(self) -> str:
+        if self.json is not None:
+            return "a list" if self.json is list else "an object"
+        if self.boolean:
+            return "true or false"
+        return {str: "a string", int: "an integer", float: "a number"}[self.sql_type]
+
+    def decode(self, value: Any) -> Any:
+        if self.json is not None:
+            return _loads(value, self.json())
+        if self.boolean:
+            return bool(value)
+        return value
+
+
+#: The adapter row, declared once. ``migrations.py`` creates it (m001, then later migrations; a test checks
+#: that the migrated table has exactly these columns), the registry writes rows with :func:`adapter_row`, and
+#: records, export and import derive their fields from it.
+ADAPTER_COLUMNS: tuple[Column, ...] = (
+    Column("id", str, not_null=True),
+    Column("kind", str, not_null=True),  # adapter | composite | merged
+    Column("domain", str, json=list, not_null=True),
+    Column("domain_key", str, exported=False),  # the domain part of the id, for version numbering
+    Column("method", str, not_null=True),
+    Column("rank", int, not_null=True),
+    Column("alpha", float),
+    Column("use_rslora", int, boolean=True),
+    Column("target_modules", str, json=list),
+    Column("base_model_hash", str, not_null=True),
+    Column("tokenizer_hash", str),
+    Column("created", str, not_null=True),
+    Column("metrics", str, json=dict),  # the latest value of each metric
+    Column("dataset_ref", str),
+    Column("adapter_checksum", str),
+    Column("license", str),
+    Column("path", str, not_null=True),  # relative to the workspace when inside it
+    Column("status", str, not_null=True),  # ready | missing
+    Column("version", int, not_null=True),
+    Column("peft_config", str, json=dict),
+    Column("training_config", str, json=dict),
+    Column("seed", int),
+    Column("library_versions", str, json=dict),
+    Column("size_bytes", int),
+    # m002: clara moved or copied the folder into place itself, so `adapters rm` may delete it.
+    Column("placed_by_clara", int, boolean=True, not_null=True, exported=False),
+)
+ADAPTER_COLUMN_NAMES = tuple(c.name for c in ADAPTER_COLUMNS)
+#: The plan's registry entry, in its order; ``to_entry`` puts these keys first.
+PLAN_ENTRY_KEYS = (
+    "id", "domain", "method", "rank", "base_model_hash", "tokenizer_hash", "created", "metrics", "dataset_ref",
+    "adapter_checksum", "license",
+)  # fmt: skip
+ENTRY_KEYS = PLAN_ENTRY_KEYS + tuple(
+    c.name for c in ADAPTER_COLUMNS if c.exported and c.name not in PLAN_ENTRY_KEYS
+)
+
+
+def adapter_row(values: dict[str, Any]) -> dict[str, Any]:
+    """The database row for ``values`` (one value per column; JSON and booleans encoded)."""
+    unknown = set(values) - set(ADAPTER_COLUMN_NAMES)
+    if unknown:
+        raise ValueError(f"not columns of the adapters table: {', '.join(sorted(unknown))}")
+    return {c.name: c.encode(values.get(c.name)) for c in ADAPTER_COLUMNS}
+
+
 @attrs.define
 class AdapterDraft:
     """Everything known about an adapter before the registry gives it an id and a version."""
@@ -97,6 +192,9 @@ class AdapterDraft:
 
 @attrs.define
 class AdapterRecord:
+    """One registered adapter: a field per column of :data:`ADAPTER_COLUMNS` (except ``domain_key``), with
+    ``path`` resolved against the workspace and the value as stored in ``stored_path``."""
+
     id: str
     kind: str
     domain: list[str]
@@ -121,65 +219,25 @@ class AdapterRecord:
     seed: int | None
     library_versions: dict
     size_bytes: int
+    placed_by_clara: bool = False
 
     @classmethod
     def from_row(cls, row: dict, workspace_root: Path) -> AdapterRecord:
-        stored = row["path"]
+        values = {c.name: c.decode(row.get(c.name)) for c in ADAPTER_COLUMNS if c.name != "domain_key"}
+        stored = values["path"]
         path = Path(stored)
-        return cls(
-            id=row["id"],
-            kind=row["kind"] or "adapter",
-            domain=_loads(row["domain"], []),
-            method=row["method"],
-            rank=row["rank"],
-            alpha=row["alpha"],
-            use_rslora=bool(row["use_rslora"]),
-            target_modules=_loads(row["target_modules"], []),
-            base_model_hash=row["base_model_hash"],
-            tokenizer_hash=row["tokenizer_hash"],
-            created=row["created"],
-            metrics=_loads(row["metrics"], {}),
-            dataset_ref=row["dataset_ref"],
-            adapter_checksum=row["adapter_checksum"],
-            license=row["license"],
+        values.update(
+            kind=values["kind"] or "adapter",
             path=path if path.is_absolute() else workspace_root / path,
             stored_path=stored,
-            status=row["status"],
-            version=row["version"],
-            peft_config=_loads(row["peft_config"], {}),
-            training_config=_loads(row["training_config"], {}),
-            seed=row["seed"],
-            library_versions=_loads(row["library_versions"], {}),
-            size_bytes=row["size_bytes"] or 0,
+            size_bytes=values["size_bytes"] or 0,
         )
+        return cls(**values)
 
     def to_entry(self) -> dict[str, Any]:
         """The plan's registry entry (its keys first, in its order), then everything else clara records."""
-        entry: dict[str, Any] = {
-            "id": self.id,
-            "domain": list(self.domain),
-            "method": self.method,
-            "rank": self.rank,
-            "base_model_hash": self.base_model_hash,
-            "tokenizer_hash": self.tokenizer_hash,
-            "created": self.created,
-            "metrics": dict(self.metrics),
-            "dataset_ref": self.dataset_ref,
-            "adapter_checksum": self.adapter_checksum,
-            "license": self.license,
-            "kind": self.kind,
-            "version": self.version,
-            "alpha": self.alpha,
-            "use_rslora": self.use_rslora,
-            "target_modules": list(self.target_modules),
-            "path": self.stored_path,
-            "status": self.status,
-            "seed": self.seed,
-            "peft_config": self.peft_config,
-            "training_config": self.training_config,
-            "library_versions": self.library_versions,
-            "size_bytes": self.size_bytes,
-        }
+        entry = {key: getattr(self, key) for key in ENTRY_KEYS}
+        entry["path"] = self.stored_path
         return entry
 
 

@@ -7,32 +7,56 @@ can register at once: versions are assigned without gaps or clashes and readers 
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
-import re
 import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 if TYPE_CHECKING:  # sqlite_utils is imported when a registry is opened, keeping `clara --help` light
     from sqlite_utils import Database
 
-from . import hashing
-from .errors import Conflict, InvalidInput, NotFound, RegistryError
+    from .workspace import Workspace
+
+from . import hashing, registry_db
+from .errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    RegistryDiskFull,
+    RegistryError,
+    RegistryLocked,
+    RegistryReadOnly,
+)
+from .naming import (
+    did_you_mean,
+    domain_key,
+    make_adapter_id,
+    normalise_base_name,
+    normalise_domain,
+    normalise_method,
+    parse_adapter_id,
+    validate_adapter_id,
+    version_from_folder,
+)
 from .records import (
     AdapterDraft,
     AdapterRecord,
     BaseRecord,
     _dumps,
     _loads,
+    adapter_row,
     dataset_ref,
     parse_dataset_ref,
     utcnow,
 )
-from .workspace import Workspace, domain_key, make_adapter_id, normalise_domain, validate_adapter_id
+from .registry_db import cannot_write, check_integrity, connect
 
 __all__ = [
     "AdapterDraft",
@@ -45,7 +69,8 @@ __all__ = [
     "utcnow",
 ]
 
-_FOLDER_VERSION_RE = re.compile(r"^(?P<method>[a-z0-9_]+)-r(?P<rank>\d+)-v(?P<version>\d+)$")
+#: Kept for callers that imported it from here; the rule lives in clara_core.naming.
+_version_from_folder = version_from_folder
 
 
 class Registry:
@@ -60,33 +85,37 @@ class Registry:
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> Registry:
+        """Open (with ``create``: create) the registry at ``path``.
+
+        Storage faults are one-line errors of their own (see :mod:`clara_core.registry_db`): a lock held by
+        another process, a damaged or lost (zero-byte) file; a read-only folder or a full disk opens it
+        read-only, and only a write then fails, saying why."""
         from sqlite_utils import Database
 
-        path = Path(path)
-        if not path.exists() and not create:
-            raise RegistryError(f"{path}: no registry here; run 'clara init' in the workspace first")
-        try:
-            conn = sqlite3.connect(str(path), timeout=60)
-            conn.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise RegistryError(
-                f"{path} is not a clara registry (not an SQLite database: {exc}); "
-                "move it aside and run 'clara init' again"
-            ) from exc
-        try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            pass  # read-only media: WAL is an optimisation, not a requirement
-        conn.execute("PRAGMA foreign_keys=ON")
+        conn = connect(Path(path), create=create)
         db = Database(conn, execute_plugins=False)
-        registry = cls(db, path)
+        registry = cls(db, conn.registry_path)
         try:
             registry._migrate()
         except BaseException:
             conn.close()
             raise
         return registry
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why this registry cannot be written (a read-only folder, a full disk), or None when it can."""
+        return getattr(self.db.conn, "read_only_reason", None)
+
+    def require_writable(self) -> None:
+        """Fail now, before any file is copied or written, when the registry cannot record the result."""
+        reason = self.read_only_reason
+        if reason is not None:
+            raise cannot_write(self.path, reason)
+
+    def check_integrity(self) -> None:
+        """A cheap structural check of the file (``PRAGMA quick_check``): raises when registry.db is damaged."""
+        check_integrity(self.db.conn)  # type: ignore[arg-type]
 
     def _migrate(self) -> None:
         from .migrations import migrations
@@ -133,14 +162,22 @@ class Registry:
         if conn.in_transaction:
             yield
             return
-        conn.execute("BEGIN IMMEDIATE")
+        self.require_writable()
+        conn.set_busy_timeout(registry_db.WRITE_TIMEOUT_S)  # type: ignore[attr-defined]
         try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                # the first error is the one to report; SQLite rolls back on its own when the connection closes
+                with suppress(sqlite3.Error, RegistryError):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+        finally:
+            conn.set_busy_timeout(registry_db.READ_TIMEOUT_S)  # type: ignore[attr-defined]
 
     def audit(self, action: str, subject: str, details: dict[str, Any] | None = None) -> None:
         try:
@@ -173,10 +210,16 @@ class Registry:
         return row[0] if row else None
 
     def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
-        with self.transaction():
-            self.db.table("file_hashes").upsert(
-                {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
-            )
+        """Best effort: the cache only saves time, so a read-only or full registry (or a lock) skips it."""
+        if self.read_only_reason is not None:
+            return
+        try:
+            with self.transaction():
+                self.db.table("file_hashes").upsert(
+                    {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path"
+                )
+        except (RegistryLocked, RegistryReadOnly, RegistryDiskFull):
+            pass
 
     # -- bases -------------------------------------------------------------------------------------------------
 
@@ -225,9 +268,12 @@ class Registry:
             self.db["bases"].rows_where("name = ? OR base_model_hash = ?", [name_or_hash, name_or_hash])
         )
         if not rows:
-            known = ", ".join(b.name for b in self.list_bases()) or "none"
+            names = [b.name for b in self.list_bases()]
+            # A path to a registered base (models/base/leo_base) is most likely meant as its name.
+            hint = did_you_mean(Path(name_or_hash).name.lower(), names) if name_or_hash.strip() else ""
             raise NotFound(
-                f"base '{name_or_hash}' is not registered (registered: {known}); add it with 'clara base add PATH'"
+                f"base '{name_or_hash}' is not registered (registered: {', '.join(names) or 'none'})"
+                f"{hint or ';'} add it with 'clara base add PATH'"
             )
         return BaseRecord.from_row(rows[0], self.root)
 
@@ -255,18 +301,67 @@ class Registry:
                 return base
         return None
 
+    def restore_base(self, entry: dict[str, Any], workspace: Workspace, *, where: str) -> bool:
+        """Record a base from an exported registry entry (``import-json``) without hashing its files, which
+        may not be on this machine yet. Returns False when it is registered already."""
+        if not isinstance(entry, dict) or not {"name", "path", "base_model_hash"} <= set(entry):
+            raise InvalidInput(f"{where}: a base entry needs name, path and base_model_hash")
+        name = str(entry["name"])
+        if normalise_base_name(name) != name:
+            raise InvalidInput(
+                f"{where}: invalid base name {name!r}: use a-z, 0-9, '.', '_' and '-' (like leo_base)"
+            )
+        path = _checked_base_path(str(entry["path"]), workspace, where)
+        base_hash = str(entry["base_model_hash"])
+        with self.transaction():
+            if self.find_base(base_hash) is not None:
+                return False
+            if self.db.execute("SELECT 1 FROM bases WHERE name = ?", [name]).fetchone():
+                raise Conflict(
+                    f"{where}: base '{name}' is registered here with a different base_model_hash; "
+                    "rename it in the file or here"
+                )
+            self.db.table("bases").insert(
+                {
+                    "name": name,
+                    "path": workspace.relative(path),
+                    "base_model_hash": base_hash,
+                    "tokenizer_hash": entry.get("tokenizer_hash"),
+                    "architecture": entry.get("architecture"),
+                    "model_type": entry.get("model_type"),
+                    "config": _dumps({}),
+                    "size_bytes": entry.get("size_bytes") or 0,
+                    "created": entry.get("created") or utcnow(),
+                }
+            )
+            self.audit("base.restore", name, {"path": workspace.relative(path), "base_model_hash": base_hash})
+        return True
+
     # -- adapters ----------------------------------------------------------------------------------------------
 
     def _next_version(self, key: str, method: str, rank: int) -> int:
+        """One more than any version this (domain, method, rank) ever had: removed ids are never reused."""
         row = self.db.execute(
-            "SELECT MAX(version) FROM adapters WHERE domain_key = ? AND method = ? AND rank = ?",
-            [key, method, rank],
+            "SELECT MAX(version) FROM (SELECT version FROM adapters WHERE domain_key = ? AND method = ? AND rank = ?"
+            " UNION ALL SELECT version FROM removed_adapters WHERE domain_key = ? AND method = ? AND rank = ?)",
+            [key, method, rank, key, method, rank],
         ).fetchone()
         return (row[0] or 0) + 1
 
-    def next_version(self, domains: Sequence[str], method: str, rank: int) -> int:
-        """The version the next adapter of this domain, method and rank would get (informational)."""
-        return self._next_version(domain_key([normalise_domain(d) for d in domains]), method, rank)
+    def _refuse_taken_id(self, adapter_id: str) -> None:
+        if self.has_adapter(adapter_id):
+            raise Conflict(f"adapter '{adapter_id}' is already registered; choose another version or folder")
+        removed = self.removed(adapter_id)
+        if removed is not None:
+            raise Conflict(
+                f"adapter id '{adapter_id}' belonged to an adapter removed on {removed['removed']}; ids are "
+                "never reused, leave the version out for the next free one"
+            )
+
+    def _refuse_duplicate(self, checksum: str, base_model_hash: str, what: Path) -> None:
+        duplicate = self.find_by_checksum(checksum, base_model_hash)
+        if duplicate is not None:
+            raise Conflict(f"{what} is already registered as '{duplicate.id}' (same adapter_checksum)")
 
     def register_adapter(
         self,
@@ -276,45 +371,44 @@ class Registry:
         *,
         place: str = "move",
         target: Path | None = None,
+        refuse_duplicate: bool = False,
     ) -> AdapterRecord:
         """Give ``draft`` an id and a version, put its folder in place and record it, all or nothing.
 
         ``place``: ``move`` renames ``source`` (a finished folder in the workspace's staging area) into the
         convention's location (or ``target``); ``copy`` copies it there first; ``in_place`` records ``source``
-        where it lies. The version is the next free one for (domain, method, rank), or the one in ``target``'s
-        folder name (``lora-r16-v3``).
+        where it lies (and ``adapters rm`` will never delete it). The version is the next one never used for
+        (domain, method, rank), or the one in ``target``'s folder name (``lora-r16-v3``).
+        ``refuse_duplicate``: refuse an adapter whose checksum is registered for the same base already
+        (checked again under the write lock, so concurrent registrations of one folder make one row).
         """
         if place not in ("move", "copy", "in_place"):
             raise ValueError(f"place must be move, copy or in_place, not {place!r}")
         domains = [normalise_domain(d) for d in draft.domain]
         if not domains:
             raise InvalidInput("an adapter needs at least one domain (--domain)")
-        method = draft.method.strip().lower()
+        method = normalise_method(draft.method)
         if draft.rank < 1:
             raise InvalidInput(f"rank must be at least 1, got {draft.rank}")
         key = domain_key(domains)
-        requested_version = _version_from_folder(target, method, draft.rank) if target is not None else None
+        requested_version = version_from_folder(target, method, draft.rank)
+        if refuse_duplicate:  # early, before copying anything; again below under the lock
+            self._refuse_duplicate(draft.adapter_checksum, draft.base_model_hash, source)
         staged: Path | None = None
+        staging = ExitStack()  # the copy's staging folder: removed (and its owner marker released) at the end
         if place == "copy":
-            workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
-            staged = workspace.tmp_dir / f"copy-{os.getpid()}-{source.name}"
-            if staged.exists():
-                shutil.rmtree(staged)
-            shutil.copytree(source, staged)
+            self.require_writable()  # before copying gigabytes that could not be recorded
+            staged = staging.enter_context(workspace.staged_copy(source))
         try:
             with self.transaction():
+                if refuse_duplicate:
+                    self._refuse_duplicate(draft.adapter_checksum, draft.base_model_hash, source)
                 version = requested_version or self._next_version(key, method, draft.rank)
                 adapter_id = make_adapter_id(domains, method, draft.rank, version)
-                if self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone():
-                    raise Conflict(
-                        f"adapter '{adapter_id}' is already registered; choose another version or folder"
-                    )
+                self._refuse_taken_id(adapter_id)
                 if place == "in_place":
                     final = Path(source).resolve()
-                    if self.db.execute(
-                        "SELECT id FROM adapters WHERE path = ?", [workspace.relative(final)]
-                    ).fetchone():
-                        raise Conflict(f"{final} is already registered")
+                    self._refuse_registered_path(final, workspace)
                 else:
                     final = (
                         Path(target).resolve()
@@ -330,67 +424,111 @@ class Registry:
                             final = workspace.adapter_dir(domains, method, draft.rank, version)
                     elif final.exists():
                         raise Conflict(f"{final} already exists; clara never overwrites an adapter folder")
-                    if self.db.execute(
-                        "SELECT id FROM adapters WHERE path = ?", [workspace.relative(final)]
-                    ).fetchone():
-                        raise Conflict(f"{final} is already registered")
+                    self._refuse_registered_path(final, workspace)
                     final.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(staged if staged is not None else source, final)
                 try:
-                    row = self._adapter_row(
-                        draft, adapter_id, domains, key, method, version, workspace.relative(final)
-                    )
-                    self.db.table("adapters").insert(row)
+                    values = {
+                        **attrs.asdict(draft, recurse=False),
+                        "id": adapter_id,
+                        "domain": domains,
+                        "domain_key": key,
+                        "method": method,
+                        "target_modules": sorted(draft.target_modules),
+                        "path": workspace.relative(final),
+                        "status": "ready",
+                        "version": version,
+                        "placed_by_clara": place != "in_place",
+                    }
+                    self.db.table("adapters").insert(adapter_row(values))
                     self.audit(
                         "adapter.register",
                         adapter_id,
-                        {"path": row["path"], "adapter_checksum": draft.adapter_checksum, "kind": draft.kind},
+                        {
+                            "path": values["path"],
+                            "adapter_checksum": draft.adapter_checksum,
+                            "kind": draft.kind,
+                            "place": place,
+                        },
                     )
                 except BaseException:
                     if place != "in_place" and final.exists():
                         os.rename(final, staged if staged is not None else source)
                     raise
         finally:
-            if staged is not None and staged.exists():
-                shutil.rmtree(staged, ignore_errors=True)
+            staging.close()
         return self.get_adapter(adapter_id)
 
-    @staticmethod
-    def _adapter_row(
-        draft: AdapterDraft,
-        adapter_id: str,
-        domains: list[str],
-        key: str,
-        method: str,
-        version: int,
-        path: str,
-    ) -> dict[str, Any]:
-        return {
-            "id": adapter_id,
-            "kind": draft.kind,
-            "domain": _dumps(domains),
-            "domain_key": key,
-            "method": method,
-            "rank": draft.rank,
-            "alpha": draft.alpha,
-            "use_rslora": int(bool(draft.use_rslora)),
-            "target_modules": _dumps(sorted(draft.target_modules)),
-            "base_model_hash": draft.base_model_hash,
-            "tokenizer_hash": draft.tokenizer_hash,
-            "created": draft.created,
-            "metrics": _dumps(draft.metrics),
-            "dataset_ref": draft.dataset_ref,
-            "adapter_checksum": draft.adapter_checksum,
-            "license": draft.license,
-            "path": path,
-            "status": "ready",
-            "version": version,
-            "peft_config": _dumps(draft.peft_config),
-            "training_config": _dumps(draft.training_config),
-            "seed": draft.seed,
-            "library_versions": _dumps(draft.library_versions),
-            "size_bytes": draft.size_bytes,
-        }
+    def _refuse_registered_path(self, folder: Path, workspace: Workspace) -> None:
+        if self.db.execute("SELECT id FROM adapters WHERE path = ?", [workspace.relative(folder)]).fetchone():
+            raise Conflict(f"{folder} is already registered")
+
+    def restore_adapter(
+        self,
+        values: dict[str, Any],
+        lineage: Sequence[dict[str, Any]],
+        workspace: Workspace,
+        *,
+        where: str,
+    ) -> bool:
+        """Record an adapter from an exported registry entry (``import-json``); False when it is registered
+        already with the same checksum.
+
+        The entry's names must follow the same rules as everywhere else, its folder must lie in the workspace's
+        adapter folders, and clara never deletes that folder (it did not place it)."""
+        domains = [normalise_domain(str(d)) for d in values["domain"]]
+        method = normalise_method(str(values["method"]))
+        rank, version = values["rank"], values["version"]
+        expected = make_adapter_id(domains, method, rank, version)
+        if values["id"] != expected:
+            raise InvalidInput(
+                f"{where}: id '{values['id']}' does not match its domain, method, rank and version "
+                f"(that adapter's id is '{expected}')"
+            )
+        stored = values.get("path") or workspace.relative(
+            workspace.adapter_dir(domains, method, rank, version)
+        )
+        folder = _checked_adapter_path(str(stored), workspace, where)
+        with self.transaction():
+            existing = self.db.execute(
+                "SELECT adapter_checksum FROM adapters WHERE id = ?", [expected]
+            ).fetchone()
+            if existing is not None:
+                if existing[0] != values.get("adapter_checksum"):
+                    raise Conflict(
+                        f"{where}: adapter '{expected}' is registered here with a different checksum "
+                        f"({str(existing[0])[:12]} vs {str(values.get('adapter_checksum'))[:12]})"
+                    )
+                return False
+            removed = self.removed(expected)
+            if removed is not None and removed["adapter_checksum"] != values.get("adapter_checksum"):
+                raise Conflict(
+                    f"{where}: id '{expected}' belonged to another adapter, removed here on {removed['removed']}; "
+                    "ids are never reused"
+                )
+            clash = self.db.execute(
+                "SELECT id FROM adapters WHERE domain_key = ? AND method = ? AND rank = ? AND version = ?",
+                [domain_key(domains), method, rank, version],
+            ).fetchone()
+            if clash:
+                raise Conflict(
+                    f"{where}: '{expected}' would take version {version} already used by '{clash[0]}'"
+                )
+            self._refuse_registered_path(folder, workspace)
+            row = adapter_row(
+                {
+                    **values,
+                    "domain": domains,
+                    "domain_key": domain_key(domains),
+                    "method": method,
+                    "path": workspace.relative(folder),
+                    "status": "ready" if folder.exists() else "missing",
+                    "placed_by_clara": False,
+                }
+            )
+            self.db.table("adapters").insert(row)
+            self._insert_lineage(expected, lineage)
+        return True
 
     def list_adapters(
         self, *, domain: str | None = None, method: str | None = None, kind: str | None = None
@@ -409,15 +547,51 @@ class Registry:
         rows = self.db["adapters"].rows_where(where, args, order_by="domain_key, method, rank, version")
         return [AdapterRecord.from_row(r, self.root) for r in rows]
 
+    def adapter_ids(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT id FROM adapters ORDER BY id").fetchall()]
+
     def get_adapter(self, adapter_id: str) -> AdapterRecord:
         validate_adapter_id(adapter_id)
         rows = list(self.db["adapters"].rows_where("id = ?", [adapter_id]))
         if not rows:
-            raise NotFound(f"adapter '{adapter_id}' is not registered; see 'clara adapters list'")
+            removed = self.removed(adapter_id)
+            if removed is not None:
+                raise NotFound(
+                    f"adapter '{adapter_id}' is not registered: it was removed on {removed['removed']}; "
+                    "see 'clara adapters list'"
+                )
+            hint = did_you_mean(adapter_id, self._suggestion_candidates(adapter_id))
+            raise NotFound(f"adapter '{adapter_id}' is not registered{hint or ';'} see 'clara adapters list'")
         return AdapterRecord.from_row(rows[0], self.root)
+
+    def _suggestion_candidates(self, adapter_id: str, *, small: int = 500) -> list[str]:
+        """Ids worth comparing with a mistyped one: all of a small registry; in a large one (a server with
+        thousands of adapters answers unknown ids too) only those of the closest domains, narrowed to the
+        closest one and then to the same method or rank while too many, so a miss costs milliseconds."""
+        total = self.db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+        parts = parse_adapter_id(adapter_id)
+        if total <= small or parts is None:
+            return self.adapter_ids() if total <= small else []
+        key, method, rank, _ = parts
+        keys = [r[0] for r in self.db.execute("SELECT DISTINCT domain_key FROM adapters").fetchall()]
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        marks = ", ".join("?" for _ in close)
+        rows = self.db.execute(
+            f"SELECT id, domain_key, method, rank FROM adapters WHERE domain_key IN ({marks})", close
+        ).fetchall()
+        if len(rows) > small:  # the closest domain only
+            rows = [r for r in rows if r[1] == close[0]]
+        if len(rows) > small:  # and of those, one typo away in method or rank
+            rows = [r for r in rows if r[2] == method or r[3] == rank]
+        return [r[0] for r in rows[: small * 2]]
 
     def has_adapter(self, adapter_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM adapters WHERE id = ?", [adapter_id]).fetchone() is not None
+
+    def removed(self, adapter_id: str) -> dict[str, Any] | None:
+        """The tombstone of a removed adapter id (its checksum and when), or None."""
+        rows = list(self.db["removed_adapters"].rows_where("id = ?", [adapter_id]))
+        return rows[0] if rows else None
 
     def find_by_checksum(self, adapter_checksum: str, base_model_hash: str) -> AdapterRecord | None:
         rows = list(
@@ -433,35 +607,73 @@ class Registry:
         )
         return [r[0] for r in rows.fetchall()]
 
+    def deletable_folder(self, record: AdapterRecord, workspace: Workspace) -> Path | None:
+        """The folder ``adapters rm`` may delete with ``record``: only one clara placed there itself, inside the
+        workspace, holding no base, no other adapter and none of the workspace's own folders."""
+        if not record.placed_by_clara or not record.path.is_dir():
+            return None
+        folder = record.path.resolve()
+        if not workspace.contains(folder) or folder == workspace.root:
+            return None
+        protected = [
+            workspace.metadata_dir,
+            workspace.base_dir,
+            workspace.adapters_dir,
+            workspace.composites_dir,
+        ]
+        protected += [b.path for b in self.list_bases()]
+        protected += [a.path for a in self.list_adapters() if a.id != record.id]
+        for other in protected:
+            other = other.resolve()
+            if other == folder or folder in other.parents:
+                return None
+        return folder
+
     def remove_adapter(
         self, adapter_id: str, workspace: Workspace, *, delete_files: bool = True
-    ) -> AdapterRecord:
+    ) -> Path | None:
+        """Unregister ``adapter_id`` and leave a tombstone (its id is never given out again); delete its folder
+        when ``delete_files`` and clara placed it (:meth:`deletable_folder`). Returns the deleted folder."""
         record = self.get_adapter(adapter_id)
         users = self.dependents(adapter_id)
         if users:
             raise Conflict(
                 f"adapter '{adapter_id}' is a component of {', '.join(users)}; remove those composites first"
             )
+        folder = self.deletable_folder(record, workspace) if delete_files else None
         trash: Path | None = None
         with self.transaction():
             self.db.execute("DELETE FROM adapters WHERE id = ?", [adapter_id])
             self.db.execute("DELETE FROM lineage WHERE composite_id = ?", [adapter_id])
-            self.audit(
-                "adapter.remove", adapter_id, {"path": record.stored_path, "deleted_files": delete_files}
+            self.db.table("removed_adapters").upsert(
+                {
+                    "id": adapter_id,
+                    "domain_key": domain_key(record.domain),
+                    "method": record.method,
+                    "rank": record.rank,
+                    "version": record.version,
+                    "adapter_checksum": record.adapter_checksum,
+                    "removed": utcnow(),
+                },
+                pk="id",
             )
-            if delete_files and workspace.contains(record.path) and record.path.exists():
+            self.audit(
+                "adapter.remove",
+                adapter_id,
+                {
+                    "path": record.stored_path,
+                    "adapter_checksum": record.adapter_checksum,
+                    "deleted_files": folder is not None,
+                },
+            )
+            if folder is not None:
                 # Moved aside inside the transaction; deleted only once the row is gone for good.
                 workspace.tmp_dir.mkdir(parents=True, exist_ok=True)
                 trash = workspace.tmp_dir / f"removed-{adapter_id}-{os.getpid()}"
-                os.rename(record.path, trash)
+                os.rename(folder, trash)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        return record
-
-    def set_status(self, adapter_id: str, status: str) -> None:
-        with self.transaction():
-            self.db.execute("UPDATE adapters SET status = ? WHERE id = ?", [status, adapter_id])
-            self.audit("adapter.status", adapter_id, {"status": status})
+        return folder
 
     # -- lineage and metrics -----------------------------------------------------------------------------------
 
@@ -473,21 +685,33 @@ class Registry:
         options: dict[str, Any] | None = None,
     ) -> None:
         with self.transaction():
-            for position, (component_id, weight) in enumerate(components):
-                component = self.get_adapter(component_id)
-                self.db.table("lineage").insert(
-                    {
-                        "composite_id": composite_id,
-                        "component_id": component_id,
-                        "position": position,
-                        "weight": weight,
-                        "strategy": strategy,
-                        "options": _dumps(options or {}),
-                        "component_checksum": component.adapter_checksum,
-                    }
-                )
+            items = [
+                {
+                    "component_id": component_id,
+                    "weight": weight,
+                    "strategy": strategy,
+                    "options": options or {},
+                    "component_checksum": self.get_adapter(component_id).adapter_checksum,
+                }
+                for component_id, weight in components
+            ]
+            self._insert_lineage(composite_id, items)
             self.audit(
                 "lineage.add", composite_id, {"components": [c for c, _ in components], "strategy": strategy}
+            )
+
+    def _insert_lineage(self, composite_id: str, items: Sequence[dict[str, Any]]) -> None:
+        for position, item in enumerate(items):
+            self.db.table("lineage").insert(
+                {
+                    "composite_id": composite_id,
+                    "component_id": item["component_id"],
+                    "position": position,
+                    "weight": item.get("weight"),
+                    "strategy": item.get("strategy") or "",
+                    "options": _dumps(item.get("options") or {}),
+                    "component_checksum": item.get("component_checksum"),
+                }
             )
 
     def lineage(self, composite_id: str) -> list[dict[str, Any]]:
@@ -527,21 +751,49 @@ class Registry:
             self.audit("metrics.add", adapter_id, {"metrics": dict(metrics), "eval_set": eval_set})
 
     def metrics_history(self, adapter_id: str) -> list[dict[str, Any]]:
-        rows = self.db["metrics_history"].rows_where("adapter_id = ?", [adapter_id], order_by="id")
+        """Every evaluation of this adapter: rows measured on its checksum only, so an id reused by a registry
+        from before ids were never reused does not show another adapter's history."""
+        checksum = self.get_adapter(adapter_id).adapter_checksum
+        rows = self.db["metrics_history"].rows_where(
+            "adapter_id = ? AND adapter_checksum IS ?", [adapter_id, checksum], order_by="id"
+        )
         return [{**r, "details": _loads(r["details"], {})} for r in rows]
 
 
-def normalise_base_name(value: str) -> str:
-    name = value.strip().lower().replace(" ", "_")
-    if not re.match(r"^[a-z0-9][a-z0-9._-]*$", name) or ".." in name:
-        raise InvalidInput(f"invalid base name {value!r}: use a-z, 0-9, '.', '_' and '-' (like leo_base)")
-    return name
+def _strictly_inside(path: Path, folder: Path) -> bool:
+    return path != folder and folder in path.parents
 
 
-def _version_from_folder(target: Path | None, method: str, rank: int) -> int | None:
-    if target is None:
-        return None
-    match = _FOLDER_VERSION_RE.match(Path(target).name)
-    if match and match["method"] == method and int(match["rank"]) == rank:
-        return int(match["version"])
-    return None
+def _checked_adapter_path(stored: str, workspace: Workspace, where: str) -> Path:
+    """An imported adapter's folder: inside the workspace's models/adapters/ (symlinks resolved), or refused."""
+    if ".." in Path(stored).parts:
+        raise InvalidInput(f"{where}: path {stored!r} must not contain '..'")
+    folder = workspace.resolve(stored).resolve()
+    if not _strictly_inside(folder, workspace.adapters_dir.resolve()):
+        raise InvalidInput(
+            f"{where}: path {stored!r} lies outside this workspace's {workspace.relative(workspace.adapters_dir)}/; "
+            "copy the adapter folder there (models/adapters/<domain>/<method>-r<rank>-v<N>) and set its path"
+        )
+    return folder
+
+
+def _checked_base_path(stored: str, workspace: Workspace, where: str) -> Path:
+    """An imported base's folder: a model folder (or one not there yet), never the workspace's own folders."""
+    if ".." in Path(stored).parts:
+        raise InvalidInput(f"{where}: base path {stored!r} must not contain '..'")
+    folder = workspace.resolve(stored).resolve()
+    never = [workspace.metadata_dir, workspace.adapters_dir, workspace.composites_dir]
+    if (
+        folder == workspace.root
+        or folder == workspace.base_dir
+        or folder in workspace.root.parents  # '/' among them
+        or any(folder == f or f in folder.parents for f in never)
+    ):
+        raise InvalidInput(
+            f"{where}: base path {stored!r} is not a model folder; give the folder of the base model"
+        )
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise InvalidInput(
+            f"{where}: base path {stored!r} is not a model folder (no config.json); give the folder of the base model"
+        )
+    return folder

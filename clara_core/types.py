@@ -9,8 +9,20 @@ implementation as a plain mapping, so the core never needs to know a plugin's op
 
 The factory is called lazily, only when a command needs the implementation, so that importing a plugin stays
 cheap: heavy libraries (torch, transformers, peft, vllm, llama_cpp) are imported inside the factory or the
-implementation's methods, never at a plugin module's top.
+implementation's methods, never at a plugin module's top. Each registration builds its implementation through
+its typed ``create()``, which checks that the factory returned an instance of the kind's interface
+(:class:`TrainerMethodImpl`, :class:`MergeStrategyImpl`, :class:`EngineImpl`, :class:`ExporterImpl`,
+:class:`RouterImpl`) and otherwise raises a :class:`~clara_core.errors.PluginError` naming the plugin.
 
+**Request objects.** Every call into an implementation that may need more information later takes one
+request object, not a list of positional arguments: :class:`GenerationRequest` for engines,
+:class:`ModuleMergeRequest` and :class:`MergeCheckRequest` for merge strategies, :class:`ExportRequest` for
+exporters, :class:`RouterFitRequest` and :class:`RouteRequest` for routers (:class:`AdapterSpec` and
+:class:`EngineOptions` play the same part for trainer methods and engine factories). Requests are built by
+the core with keyword arguments; new fields get defaults, so old plugins keep working when a request grows:
+a plugin reads the fields it knows and ignores the rest. Plugins never build requests except in their tests.
+
+Plugins import all of this from :mod:`clara_core.plugin_api`, the one module whose names are promised to them.
 This module imports nothing heavy either; tensors and models appear in annotations only.
 """
 
@@ -18,12 +30,15 @@ from __future__ import annotations
 
 import abc
 import builtins
+import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+
+from .errors import ClaraError, PluginError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from .records import AdapterRecord, BaseRecord
@@ -42,21 +57,37 @@ def normalise_name(value: str) -> str:
 
 
 _OPTION_TYPES = (str, int, float, bool)
+#: How a message names each option type ("must be a whole number", never "must be a int").
+_TYPE_WORDS: dict[builtins.type, str] = {
+    str: "text",
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class OptionValueError(ValueError):
+    """A value an :class:`Option` refuses; the message is one line naming the option and what it allows."""
 
 
 @attrs.frozen
 class Option:
-    """An option an implementation accepts, turned into a command-line flag by the command that uses it.
+    """An option an implementation accepts; it parses, checks and converts its own values.
 
-    ``name`` is the Python name (``majority_sign``); the flag is ``--majority-sign``. The value reaches the
-    implementation in its ``options`` mapping under ``name``.
+    ``name`` is the Python name (``majority_sign``); the flag is ``--majority-sign`` and the engine form
+    ``-o majority_sign=VALUE``. The value reaches the implementation in its ``options`` mapping under ``name``,
+    converted to ``type``. ``choices`` are held in ``type`` too (``Option("bits", int, 4, choices=(4, 8))``;
+    strings such as ``("4", "8")`` are converted). Every command builds its flags with :meth:`click_option`
+    and converts values with :meth:`convert`, so there is one parser for all of them.
     """
 
     name: str = attrs.field(converter=lambda v: normalise_name(v).replace("-", "_").replace(".", "_"))
     type: builtins.type = attrs.field(default=str)
     default: Any = None
     help: str = ""
-    choices: tuple[str, ...] | None = attrs.field(
+    choices: tuple[Any, ...] | None = attrs.field(
         default=None, converter=lambda v: None if v is None else tuple(v)
     )
     multiple: bool = False
@@ -66,9 +97,139 @@ class Option:
         if value not in _OPTION_TYPES:
             raise ValueError(f"option {self.name!r}: type must be one of str, int, float, bool")
 
+    def __attrs_post_init__(self) -> None:
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError(f"option {self.name!r}: choices must not be empty")
+            try:
+                typed = tuple(self._parse(c, self.flag) for c in self.choices)
+            except OptionValueError as exc:
+                raise ValueError(f"option {self.name!r}: choices must be {self.type_word}: {exc}") from None
+            object.__setattr__(self, "choices", typed)
+        if self.default is not None:
+            try:
+                object.__setattr__(self, "default", self.convert(self.default))
+            except OptionValueError as exc:
+                raise ValueError(f"option {self.name!r}: its default is refused: {exc}") from None
+
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def type_word(self) -> str:
+        """What a value must be, in words: ``a whole number``, ``a number``, ``true or false``, ``text``."""
+        return _TYPE_WORDS[self.type]
+
+    def allowed(self) -> str:
+        """What the option accepts, for messages and help: ``4 or 8``, ``a whole number``."""
+        if self.choices:
+            shown = [str(c) for c in self.choices]
+            return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+        return self.type_word
+
+    def convert(self, raw: Any, label: str | None = None) -> Any:
+        """``raw`` (a string from a command line, or an already typed value) as ``type``, checked against
+        ``choices``. A refused value raises :class:`OptionValueError` with one line that starts with ``label``
+        (default: the flag) and says what is allowed."""
+        label = self.flag if label is None else label
+        value = self._parse(raw, label)
+        if self.choices is not None and value not in self.choices:
+            raise OptionValueError(f"{label} must be {self.allowed()}, got {_show(raw)}".lstrip())
+        return value
+
+    def _parse(self, raw: Any, label: str) -> Any:
+        wanted = f"{label} must be {self.type_word}, got {_show(raw)}".lstrip()
+        if self.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise OptionValueError(
+                f"{label} must be true or false (also 1/0, yes/no, on/off), got {_show(raw)}".lstrip()
+            )
+        if isinstance(raw, bool):  # True is an int to Python, but not a value of a number option
+            raise OptionValueError(wanted)
+        if self.type is str:
+            if not isinstance(raw, str):
+                raise OptionValueError(wanted)
+            return raw
+        if self.type is int:
+            if isinstance(raw, int):
+                return raw
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            if isinstance(raw, str):
+                try:
+                    return int(raw.strip())
+                except ValueError:
+                    pass
+            raise OptionValueError(wanted)
+        # float
+        if isinstance(raw, (int, float)):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise OptionValueError(wanted) from None
+        else:
+            raise OptionValueError(wanted)
+        if not math.isfinite(value):
+            raise OptionValueError(f"{label} must be a finite number, got {_show(raw)}".lstrip())
+        return value
+
+    def click_type(self) -> Any:
+        """A ``click.ParamType`` that converts with :meth:`convert`; a refused value is click's usual one-line
+        usage error (exit 2)."""
+        import click
+
+        option = self
+
+        class OptionType(click.ParamType):
+            name = option.type.__name__ if option.type is not str else "text"
+
+            def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+                try:
+                    # click names the flag itself: "Invalid value for '--bits': must be 4 or 8, got 5"
+                    return option.convert(value, label="")
+                except OptionValueError as exc:
+                    self.fail(str(exc), param, ctx)
+
+            def get_metavar(self, param: Any, ctx: Any = None) -> str | None:
+                if option.choices:
+                    return "[" + "|".join(str(c) for c in option.choices) + "]"
+                return None
+
+        return OptionType()
+
+    def click_option(self, dest: str | None = None, *, help_prefix: str = "") -> Any:
+        """The ``click.Option`` for this option: ``--name VALUE``, or ``--name/--no-name`` for a bool.
+
+        The default is left to the implementation's options mapping (click's default is ``None``, meaning "not
+        given"), and shown in the help.
+        """
+        import click
+
+        default_text = f" (default: {_show(self.default)})" if self.default is not None else ""
+        help_text = help_prefix + (self.help or "") + default_text
+        decls = [f"{self.flag}/--no-{self.flag[2:]}" if self.type is bool else self.flag]
+        if dest is not None:
+            decls.append(dest)
+        if self.type is bool:
+            return click.Option(decls, default=None, help=help_text)
+        return click.Option(decls, type=self.click_type(), default=None, help=help_text)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and value.strip() == value and " " not in value else repr(value)
+    return str(value)
 
 
 def _options(value: Sequence[Option]) -> tuple[Option, ...]:
@@ -88,18 +249,39 @@ class Registration:
 
     #: What a user types (``--method dora``, ``--engine vllm``), normalised to lower case.
     name: str = attrs.field(converter=normalise_name)
-    #: Called with no arguments (or with the documented ones for engines) to build the implementation.
+    #: Called by :meth:`create` (with no arguments, or with the documented ones for engines) to build the
+    #: implementation.
     factory: Callable[..., Any] = attrs.field(validator=attrs.validators.is_callable())
     #: One line for ``clara plugins`` and ``--help``.
     description: str = ""
     #: Implementation-specific options; the core turns them into flags and passes their values through.
     options: tuple[Option, ...] = attrs.field(default=(), converter=_options)
+    #: Who registered it (``plugin 'lora' (clara-plugin-lora 0.1.0)``), filled in by the plugin manager when
+    #: it collects the registration; used in error messages. Plugins leave it empty.
+    registered_by: str = attrs.field(default="", kw_only=True, eq=False)
 
     #: Human name of the kind, used in messages ("unknown engine 'x'").
     kind: ClassVar[str] = "plugin"
 
-    def create(self, *args: Any, **kwargs: Any) -> Any:
-        return self.factory(*args, **kwargs)
+    def _build(self, expected: type[Any], *args: Any) -> Any:
+        """Call the factory and check that it built an ``expected``; name the plugin when it did not."""
+        origin = self.registered_by or "a plugin"
+        try:
+            impl = self.factory(*args)
+        except ClaraError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{self.kind} '{self.name}' from {origin} could not be built: {type(exc).__name__}: "
+                f"{first_line(exc)}; report it to the plugin's authors"
+            ) from exc
+        if not isinstance(impl, expected):
+            raise PluginError(
+                f"{self.kind} '{self.name}' from {origin} is broken: its factory returned "
+                f"{type(impl).__module__}.{type(impl).__qualname__}, not a {expected.__name__} "
+                f"(clara_core.plugin_api.{expected.__name__}); report it to the plugin's authors"
+            )
+        return impl
 
 
 @attrs.frozen
@@ -108,12 +290,20 @@ class TrainerMethod(Registration):
 
     kind: ClassVar[str] = "trainer method"
 
+    def create(self) -> TrainerMethodImpl:
+        """``factory()``, checked to be a :class:`TrainerMethodImpl`."""
+        return self._build(TrainerMethodImpl)
+
 
 @attrs.frozen
 class MergeStrategy(Registration):
     """A way to combine several adapters into one composite."""
 
     kind: ClassVar[str] = "merge strategy"
+
+    def create(self) -> MergeStrategyImpl:
+        """``factory()``, checked to be a :class:`MergeStrategyImpl`."""
+        return self._build(MergeStrategyImpl)
 
 
 @attrs.frozen
@@ -122,6 +312,10 @@ class Engine(Registration):
 
     kind: ClassVar[str] = "engine"
 
+    def create(self, base: BaseRecord, options: EngineOptions) -> EngineImpl:
+        """``factory(base, options)``, checked to be an :class:`EngineImpl` (the base is not loaded yet)."""
+        return self._build(EngineImpl, base, options)
+
 
 @attrs.frozen
 class Exporter(Registration):
@@ -129,12 +323,20 @@ class Exporter(Registration):
 
     kind: ClassVar[str] = "exporter"
 
+    def create(self) -> ExporterImpl:
+        """``factory()``, checked to be an :class:`ExporterImpl`."""
+        return self._build(ExporterImpl)
+
 
 @attrs.frozen
 class Router(Registration):
     """A router: picks the adapter for a prompt."""
 
     kind: ClassVar[str] = "router"
+
+    def create(self) -> RouterImpl:
+        """``factory()``, checked to be a :class:`RouterImpl`."""
+        return self._build(RouterImpl)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,30 +428,51 @@ class MergedModule:
     dense_delta: Any = None
 
 
+@attrs.frozen(kw_only=True)
+class MergeCheckRequest:
+    """What :meth:`MergeStrategyImpl.check` gets before any tensor is read.
+
+    ``weights``: the user's weight per component, in the components' order; ``options``: the strategy's own
+    declared options by name, defaults filled in. New fields get defaults (see the module docstring).
+    """
+
+    weights: Sequence[float]
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class ModuleMergeRequest:
+    """What :meth:`MergeStrategyImpl.merge_module` gets for one target module of the base.
+
+    ``module``: the module's name in the base (``model.layers.0.self_attn.q_proj``); ``deltas``: each
+    component's :class:`ModuleDelta` that touches the module (the union of the components' modules is
+    covered); ``weights``: the user's weights in the same order as ``deltas``; ``base_weight``: the module's
+    dense base weight (needed for DoRA and for sequential application; ``None`` where the core did not load
+    it); ``options``: the strategy's own declared options by name. New fields get defaults.
+    """
+
+    module: str
+    deltas: Sequence[ModuleDelta]
+    weights: Sequence[float]
+    base_weight: Any = None
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
 class MergeStrategyImpl(abc.ABC):
     """What a merge strategy provides.
 
-    ``merge_module`` is called once per target module with each component's :class:`ModuleDelta` that touches
-    the module (the union of the components' modules is covered), the user's weights in the same order, the
-    base weight (a dense tensor; needed for DoRA and for sequential application), and the strategy's own
-    declared options.
+    :meth:`merge_module` is called once per target module with a :class:`ModuleMergeRequest`; :meth:`check`
+    once before, with a :class:`MergeCheckRequest`.
     """
 
     #: True where the order of the components changes the result (``sequential``).
     order_sensitive: bool = False
 
-    def check(self, weights: Sequence[float], options: Mapping[str, Any]) -> None:  # noqa: B027
-        """Refuse unusable weights or options before any tensor is read."""
+    def check(self, request: MergeCheckRequest) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Refuse unusable weights or options before any tensor is read (raise a ``ClaraError``)."""
 
     @abc.abstractmethod
-    def merge_module(
-        self,
-        module: str,
-        deltas: Sequence[ModuleDelta],
-        weights: Sequence[float],
-        base_weight: Any,
-        options: Mapping[str, Any],
-    ) -> MergedModule:
+    def merge_module(self, request: ModuleMergeRequest) -> MergedModule:
         """Combine the components' deltas for one module."""
 
 
@@ -319,20 +542,21 @@ class EngineOptions:
     ``max_loaded``: adapters the server keeps loaded at once (it evicts the least recently used idle one
     before loading another, so an engine never sees more); ``max_queue``: requests the server admits at once.
     ``extra`` holds the values of the options declared on the :class:`Engine` registration (``clara serve
-    -o name=value``), already converted to their declared types, defaults filled in. ``registry_path`` is the
-    served workspace's registry, for engines that size themselves from what is registered (vLLM's
-    ``max_lora_rank`` from the adapters' ranks); engines only read it.
+    -o name=value``), already converted to their declared types, defaults filled in. ``max_adapter_rank``:
+    the largest LoRA rank (``r`` or any ``rank_pattern`` value) among the registry's adapters for the served
+    base, ``None`` when none is registered; engines that size buffers ahead of time (vLLM's
+    ``max_lora_rank``) read it instead of looking for a registry themselves. New fields get defaults.
     """
 
     max_loaded: int = 8
     max_queue: int = 64
     #: Engine-specific options declared on the registration (``max_lora_rank`` for vLLM, ...).
     extra: dict[str, Any] = attrs.field(factory=dict)
-    registry_path: Path | None = None
+    max_adapter_rank: int | None = None
 
 
 class EngineImpl(abc.ABC):
-    """What a serving engine provides. Built by ``Engine.factory(base, options)`` with a ``BaseRecord`` and
+    """What a serving engine provides. Built by ``Engine.create(base, options)`` with a ``BaseRecord`` and
     :class:`EngineOptions`; the base is loaded once in :meth:`start` and never again for the engine's life.
 
     The server (``clara_core.serving``) owns everything engines share: the registry lookup by id, the base
@@ -401,19 +625,24 @@ class ExportResult:
     message: str = ""
 
 
+@attrs.frozen(kw_only=True)
+class ExportRequest:
+    """What :meth:`ExporterImpl.export` gets: the registered ``adapter`` and its ``base``, the ``out_dir`` to
+    write into, and the exporter's own declared ``options`` by name. New fields get defaults."""
+
+    adapter: AdapterRecord
+    base: BaseRecord
+    out_dir: Path
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
 class ExporterImpl(abc.ABC):
-    """What an exporter provides. Writes into ``out_dir`` (a fresh temporary folder that clara renames into
-    place and registers only when the export returns without error)."""
+    """What an exporter provides. Writes into ``request.out_dir`` (a fresh temporary folder that clara renames
+    into place and registers only when the export returns without error)."""
 
     @abc.abstractmethod
-    def export(
-        self,
-        adapter: AdapterRecord,
-        base: BaseRecord,
-        out_dir: Path,
-        options: Mapping[str, Any],
-    ) -> ExportResult:
-        """Write the export files into ``out_dir``."""
+    def export(self, request: ExportRequest) -> ExportResult:
+        """Write the export files into ``request.out_dir``."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,6 +659,24 @@ class RouteDecision:
     scores: dict[str, float] = attrs.field(factory=dict)
 
 
+@attrs.frozen(kw_only=True)
+class RouterFitRequest:
+    """What :meth:`RouterImpl.fit` learns from: the registered ``adapters`` to choose among, their ``base``
+    and the router's own declared ``options`` by name. New fields get defaults."""
+
+    adapters: Sequence[AdapterRecord]
+    base: BaseRecord
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class RouteRequest:
+    """One routing question: ``prompt`` is what the user wrote (the last user message of a chat, not the
+    rendered template). New fields get defaults."""
+
+    prompt: str
+
+
 class RouterImpl(abc.ABC):
     """What a router provides: fitted on registered adapters, saved beside the registry, used by the server.
 
@@ -438,12 +685,12 @@ class RouterImpl(abc.ABC):
     """
 
     @abc.abstractmethod
-    def fit(self, adapters: Sequence[AdapterRecord], base: BaseRecord, options: Mapping[str, Any]) -> None:
-        """Learn how to choose among ``adapters``."""
+    def fit(self, request: RouterFitRequest) -> None:
+        """Learn how to choose among ``request.adapters``."""
 
     @abc.abstractmethod
-    def route(self, prompt: str) -> RouteDecision:
-        """Choose the adapter for one prompt."""
+    def route(self, request: RouteRequest) -> RouteDecision:
+        """Choose the adapter for ``request.prompt``."""
 
     @abc.abstractmethod
     def save(self, state_dir: Path) -> None:

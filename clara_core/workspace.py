@@ -14,59 +14,47 @@ Commands find the workspace from ``--workspace``, then ``CLARA_HOME``, then the 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
 
 import attrs
 
-from .errors import InvalidInput, WorkspaceNotFound
+from .errors import WorkspaceNotFound
+from .naming import (
+    adapter_folder_name,
+    domain_key,
+    make_adapter_id,
+    normalise_domain,
+    validate_adapter_id,
+)
+from .registry import Registry
+
+__all__ = [
+    "REGISTRY_FILE",
+    "Workspace",
+    # The naming rules live in clara_core.naming; these names stay importable from here for plugins.
+    "domain_key",
+    "make_adapter_id",
+    "normalise_domain",
+    "validate_adapter_id",
+]
 
 REGISTRY_FILE = Path("metadata") / "registry.db"
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-
-
-def validate_adapter_id(value: str) -> str:
-    """An adapter id: ``[a-z0-9._-]`` only, no ``..``, no path separators."""
-    if not value or not _ID_RE.match(value) or ".." in value or len(value) > 200:
-        raise InvalidInput(
-            f"invalid adapter id {value!r}: ids use only a-z, 0-9, '.', '_' and '-' "
-            "(like steuerrecht-lora-r16-v1) and never contain '/' or '..'"
-        )
-    return value
-
-
-def normalise_domain(value: str) -> str:
-    domain = value.strip().lower()
-    for umlaut, plain in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
-        domain = domain.replace(umlaut, plain)
-    domain = domain.replace("-", "_").replace(" ", "_")
-    if not _DOMAIN_RE.match(domain) or len(domain) > 64:
-        raise InvalidInput(f"invalid domain {value!r}: use letters, digits and '_' (like steuerrecht)")
-    return domain
-
-
-def domain_key(domains: list[str]) -> str:
-    """The domain part of an adapter id: one domain, or several joined with '.'."""
-    return ".".join(domains)
-
-
-def make_adapter_id(domains: list[str], method: str, rank: int, version: int) -> str:
-    return validate_adapter_id(f"{domain_key(domains)}-{method}-r{rank}-v{version}")
 
 
 @attrs.frozen
 class Workspace:
     root: Path = attrs.field(converter=lambda p: Path(p).expanduser().resolve())
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
 
     @property
     def base_dir(self) -> Path:
@@ -94,7 +82,7 @@ class Workspace:
         return self.root / "metadata" / "tmp"
 
     def adapter_dir(self, domains: list[str], method: str, rank: int, version: int) -> Path:
-        return self.adapters_dir / domain_key(domains) / f"{method}-r{rank}-v{version}"
+        return self.adapters_dir / domain_key(domains) / adapter_folder_name(method, rank, version)
 
     def relative(self, path: Path) -> str:
         """A path as stored in the registry: relative to the workspace when inside it, else absolute."""
@@ -127,8 +115,6 @@ class Workspace:
             workspace.metadata_dir,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-        from .registry import Registry
-
         Registry.open(workspace.registry_path, create=True).close()
         return workspace, created
 
@@ -156,13 +142,192 @@ class Workspace:
             )
         return cls(path)
 
+    # -- staging: work in progress, and what a killed process left of it -------------------------------------
+
     @contextmanager
     def staging(self, prefix: str) -> Iterator[Path]:
-        """A temporary folder inside the workspace, removed on failure unless it was moved away."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.tmp_dir))
+        """A temporary folder inside the workspace, removed on failure unless it was moved away.
+
+        The folder holds an owner marker (:data:`OWNER_FILE`: pid, process start time, host) that this process
+        keeps ``flock``-ed while the folder is in use. A process killed with ``kill -9`` loses the lock at once,
+        so the folder it left is recognised as abandoned: ``clara adapters verify`` reports it and the next
+        staging (``adapters register``, ``base add``) removes it; a folder a live process is writing never is.
+        """
+        self.remove_abandoned_staging()
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.tmp_dir))
+        except OSError as exc:
+            from .fileio import storage_error
+
+            error = storage_error(exc, self.tmp_dir, "making a staging folder")
+            if error is None:
+                raise
+            raise error from exc
+        owner = _claim(path)
         try:
             yield path
         finally:
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
+            owner.close()  # released only once the folder is gone
+
+    @contextmanager
+    def staged_copy(self, source: Path, prefix: str = "copy") -> Iterator[Path]:
+        """A complete copy of the folder ``source`` inside a staging folder, to be renamed into place.
+
+        A full disk is one line (:class:`clara_core.errors.DiskFull`) and leaves nothing behind; so does any
+        failure or interrupt before the copy is renamed away."""
+        from .fileio import copy_folder
+
+        with self.staging(prefix) as folder:
+            target = folder / Path(source).name
+            copy_folder(Path(source), target)
+            yield target
+
+    def staging_leftovers(self) -> list[StagingLeftover]:
+        """Folders in ``metadata/tmp`` whose owner is gone: its process died (its marker is no longer locked) or,
+        for folders without a marker, the pid in its name is gone and it is older than
+        :data:`UNMARKED_STALE_AFTER_S`."""
+        if not self.tmp_dir.is_dir():
+            return []
+        leftovers = []
+        for folder in sorted(self.tmp_dir.iterdir()):
+            if folder.is_dir() and not folder.is_symlink():
+                owner, abandoned = _owner(folder)
+                if abandoned:
+                    leftovers.append(StagingLeftover(folder, owner, _tree_size(folder)))
+        return leftovers
+
+    def remove_abandoned_staging(self) -> list[StagingLeftover]:
+        """Remove :meth:`staging_leftovers` (best effort: a read-only or busy folder stays); returns them."""
+        try:
+            leftovers = self.staging_leftovers()
+        except OSError:
+            return []
+        for leftover in leftovers:
+            shutil.rmtree(leftover.path, ignore_errors=True)
+        return leftovers
+
+
+#: Owner marker inside every staging folder (see :meth:`Workspace.staging`).
+OWNER_FILE = ".clara-owner"
+#: A staging folder without an owner marker (left by an older clara, or by a process killed in the instant
+#: between making the folder and marking it) counts as abandoned only this long after its last change, and only
+#: when the pid in its name (``copy-<pid>-...``) is gone: long enough that no live process is still writing it.
+UNMARKED_STALE_AFTER_S = 24 * 3600
+_PID_IN_NAME = re.compile(r"^(?:copy|train|rebuild)-(?P<pid>\d+)-|^removed-.+-(?P<last>\d+)$")
+
+
+@attrs.frozen
+class StagingLeftover:
+    """A staging folder a process left behind (killed, or the machine lost power)."""
+
+    path: Path
+    owner: str
+    size_bytes: int
+
+
+def _claim(folder: Path) -> IO[str]:
+    """Mark ``folder`` as this process's: the marker appears under its final name already locked, so a cleaner
+    never finds it unlocked while this process lives. The handle must stay open while the folder is in use."""
+    partial = folder / f"{OWNER_FILE}.{os.getpid()}"
+    handle = open(partial, "w+", encoding="utf-8")  # noqa: SIM115 - held until the staging folder is gone
+    try:
+        # on a file system without flock, the pid and start time below still say who owns it
+        with suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        pid = os.getpid()
+        marker = {
+            "pid": pid,
+            "started": _process_start(pid),
+            "host": socket.gethostname(),
+            "created": time.time(),
+        }
+        handle.write(json.dumps(marker))
+        handle.flush()
+        os.rename(partial, folder / OWNER_FILE)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _owner(folder: Path) -> tuple[str, bool]:
+    """Who owns the staging ``folder``, in words, and whether it is abandoned."""
+    marker = folder / OWNER_FILE
+    try:
+        handle = open(marker, encoding="utf-8")  # noqa: SIM115 - closed below, after the lock test
+    except FileNotFoundError:
+        return _unmarked_owner(folder)
+    except OSError:
+        return "unknown owner (unreadable marker)", False
+    with handle:
+        try:
+            info = json.loads(handle.read() or "{}")
+        except ValueError:
+            info = {}
+        pid = info.get("pid", "?")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"pid {pid} (running)", False
+        except OSError:  # no flock on this file system: the pid, its start time and the host decide
+            alive = (
+                info.get("host") != socket.gethostname()
+                or not isinstance(pid, int)
+                or (_pid_alive(pid) and _process_start(pid) in (None, info.get("started")))
+            )
+            return f"pid {pid} ({'running' if alive else 'gone'})", not alive
+        return f"pid {pid} (gone)", True  # the lock is free: its process died without cleaning up
+
+
+def _unmarked_owner(folder: Path) -> tuple[str, bool]:
+    match = _PID_IN_NAME.match(folder.name)
+    pid = int(match["pid"] or match["last"]) if match else None
+    if pid is not None and _pid_alive(pid):
+        return f"pid {pid} (running)", False
+    age = time.time() - _newest_mtime(folder)
+    who = f"pid {pid} (gone)" if pid is not None else "unknown owner"
+    return f"{who}, unchanged for {age / 3600:.0f} h", age > UNMARKED_STALE_AFTER_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from its owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _newest_mtime(folder: Path) -> float:
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+def _tree_size(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total

@@ -18,6 +18,7 @@ from clara_core.plugins import PluginManager
 from clara_core.types import (
     Engine,
     EngineImpl,
+    EngineOptions,
     Exporter,
     MergeStrategy,
     Option,
@@ -31,6 +32,16 @@ HOOK_NAMES = sorted(
     for name, value in vars(hookspecs).items()
     if inspect.isfunction(value) and hasattr(value, "clara_spec")
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_process_wide_manager():
+    """CONTRIBUTING's rule: tests build a fresh plugin manager; none may create or swap the process-wide one."""
+    import clara_core.plugins
+
+    before = clara_core.plugins._manager
+    yield
+    assert clara_core.plugins._manager is before, "a test used the process-wide plugin manager"
 
 
 def make_plugin(**hooks):
@@ -95,9 +106,11 @@ def test_register_engines_is_collected_and_factory_is_lazy(plugin_manager):
     plugin_manager.register(make_plugin(register_engines=register_engines), name="fake")
     engine = plugin_manager.engine("FAKE")
     assert built == []  # registering builds nothing
-    instance = engine.create("base", "opts")
+    options = EngineOptions(max_loaded=2)
+    instance = engine.create("base", options)
     assert isinstance(instance, FakeEngine)
-    assert built == [("base", "opts")]
+    assert built == [("base", options)]
+    assert engine.registered_by == "plugin 'fake' (fake unknown)"
 
 
 def test_register_exporters_is_collected(plugin_manager):
@@ -225,7 +238,7 @@ def test_registering_the_wrong_type_is_an_error(plugin_manager):
         register(TrainerMethod("lora", object))
 
     plugin_manager.register(make_plugin(register_engines=register_engines), name="confused")
-    with pytest.raises(PluginError, match="expected a clara_core.types.Engine"):
+    with pytest.raises(PluginError, match="expected a clara_core.plugin_api.Engine"):
         plugin_manager.engines()
 
 

@@ -258,7 +258,12 @@ def test_import_json_with_a_conflicting_checksum_imports_nothing(
     run_cli("adapters", "register", str(fake_adapter()), "--domain", "steuerrecht")
     run_cli("adapters", "export-json")
     document = json.loads((ws.metadata_dir / "adapter_registry.json").read_text())
-    new_entry = {**document["adapters"][0], "id": "steuerrecht-lora-r4-v7", "version": 7, "path": "x"}
+    new_entry = {
+        **document["adapters"][0],
+        "id": "steuerrecht-lora-r4-v7",
+        "version": 7,
+        "path": "models/adapters/steuerrecht/lora-r4-v7",
+    }
     document["adapters"][0]["adapter_checksum"] = "0" * 64
     document["adapters"].insert(0, new_entry)
     bad = tmp_path / "bad.json"

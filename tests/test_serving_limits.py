@@ -30,6 +30,8 @@ from clara_core.types import (
     GenerationRequest,
     RouteDecision,
     Router,
+    RouteRequest,
+    RouterFitRequest,
     RouterImpl,
 )
 from clara_core.workspace import Workspace
@@ -97,10 +99,11 @@ class KeywordRouter(RouterImpl):
     def __init__(self) -> None:
         self.keywords: dict[str, str] = {}
 
-    def fit(self, adapters: Any, base: Any, options: Any) -> None:
-        self.keywords = {a.domain[0]: a.id for a in adapters}
+    def fit(self, request: RouterFitRequest) -> None:
+        self.keywords = {a.domain[0]: a.id for a in request.adapters}
 
-    def route(self, prompt: str) -> RouteDecision:
+    def route(self, request: RouteRequest) -> RouteDecision:
+        prompt = request.prompt
         scores = {aid: (0.9 if kw in prompt.lower() else 0.1) for kw, aid in self.keywords.items()}
         best = max(scores, key=lambda k: scores[k]) if scores else None
         if best is None or scores[best] < 0.5:
@@ -153,7 +156,7 @@ def setup(workspace_with_base: Workspace, fake_adapter: Callable[..., Path]) -> 
             )
             ids.append(registry.register_adapter(draft, folder, workspace_with_base, place="copy").id)
         router = KeywordRouter()
-        router.fit(registry.list_adapters(), base, {})
+        router.fit(RouterFitRequest(adapters=registry.list_adapters(), base=base))
         router.save(workspace_with_base.metadata_dir / "routers" / "keywords")
     return workspace_with_base, ids
 

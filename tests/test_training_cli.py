@@ -279,5 +279,108 @@ def test_disk_full_while_saving_registers_nothing(
         "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "4", *FAST,
     )  # fmt: skip
     assert expected in line
-    assert "--resume" in line
+    if where == "/metadata/runs/":  # the first checkpoint failed: nothing to resume, and no run folder left
+        assert "run the same command again" in line
+        assert not (workspace.metadata_dir / "runs").exists()
+    else:
+        assert "--resume" in line
     assert not list(workspace.tmp_dir.glob("train-*"))
+
+
+@pytest.mark.parametrize("disk_full", [True, False])
+def test_checkpoint_write_failure_from_torch_is_one_line(
+    workspace: Workspace,
+    leo_base: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    disk_full: bool,
+) -> None:
+    """torch.save on a full disk raises a RuntimeError without errno ('unexpected pos ...'): the optimizer
+    state of a checkpoint is written to /dev/full, which gives torch's genuine error."""
+    import shutil as shutil_mod
+
+    import torch
+
+    real_save = torch.save
+    real_usage = shutil_mod.disk_usage
+
+    def save(obj, f, *args, **kwargs):
+        if "/metadata/runs/" in str(f):
+            f = "/dev/full"
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    if disk_full:
+        monkeypatch.setattr(
+            "shutil.disk_usage",
+            lambda path: (
+                real_usage(path)._replace(free=1024) if "/metadata/runs/" in str(path) else real_usage(path)
+            ),
+        )
+    line = _bad(
+        workspace, "--base", str(leo_base), "--domain", "steuerrecht",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "4", *FAST,
+    )  # fmt: skip
+    if disk_full:
+        assert "disk full while writing a checkpoint to" in line
+    else:
+        assert "could not write a checkpoint to" in line and "unexpected pos" in line and "MiB free" in line
+    assert "run the same command again" in line
+    assert not (workspace.metadata_dir / "runs").exists(), "a failed run left its folder behind"
+
+
+def test_failed_run_leaves_no_run_folder(workspace: Workspace, leo_base: Path, data_dir: Path) -> None:
+    # --target-modules is checked against the loaded model, inside the run's folder lock
+    line = _bad(
+        workspace, "--base", str(leo_base), "--domain", "steuerrecht", "--target-modules", "nope_proj",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "4", *FAST,
+    )  # fmt: skip
+    assert "--target-modules: nope_proj not found in the base" in line
+    assert not (workspace.metadata_dir / "runs").exists()
+
+
+def test_short_run_warns_and_says_what_reaches_a_useful_length(
+    workspace: Workspace, leo_base: Path, data_dir: Path
+) -> None:
+    result = run(
+        workspace, "train", "--base", str(leo_base), "--domain", "steuerrecht",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "64", "--max-seq-len", "64",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warning = next(x for x in result.output.splitlines() if x.startswith("warning: this run trains only"))
+    assert "only 1 optimizer step (" in warning and "--batch-size 64" in warning
+    assert "--epochs 20 or --max-steps 20 gives 20 steps" in warning
+    assert "Trained 1 step in" in result.output  # singular
+    # with --max-steps the length is chosen on purpose: no warning
+    chosen = run(
+        workspace, "train", "--base", str(leo_base), "--domain", "steuerrecht",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"), "--batch-size", "64", "--max-seq-len", "64",
+        "--max-steps", "1",
+    )  # fmt: skip
+    assert chosen.exit_code == 0 and "warning: this run trains only" not in chosen.output
+
+
+def test_base_registered_elsewhere_is_found_by_its_convention_path(
+    workspace: Workspace, tiny_base_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clara_core.registry import Registry
+    from clara_core.training.plan import resolve_base
+
+    elsewhere = tmp_path / "downloads" / "LeoLM-7b"
+    shutil.copytree(tiny_base_dir, elsewhere)
+    added = run(workspace, "base", "add", str(elsewhere), "--name", "leo_base")
+    assert added.exit_code == 0, added.output
+    monkeypatch.chdir(workspace.root)
+    with Registry.open(workspace.registry_path) as registry:
+        resolved = resolve_base("models/base/leo_base", registry, workspace)
+    assert resolved.registered and resolved.name == "leo_base" and resolved.path == elsewhere
+
+    line = _bad(
+        workspace, "--base", "models/base/leo_bsae", "--domain", "x",
+        "--dataset", str(data_dir / "steuer_batch.jsonl"),
+    )  # fmt: skip
+    assert "--base models/base/leo_bsae: no such folder" in line and "did you mean --base leo_base?" in line
+    line = _bad(
+        workspace, "--base", "leo", "--domain", "x", "--dataset", str(data_dir / "steuer_batch.jsonl"),
+    )  # fmt: skip
+    assert "did you mean --base leo_base?" in line

@@ -10,7 +10,9 @@ import click
 
 from .. import hashing
 from ..compat import adapter_base_mismatches
-from ..errors import Conflict, InvalidInput
+from ..errors import Conflict, InvalidInput, RegistryEmpty
+from ..fileio import write_json_atomic
+from ..naming import did_you_mean, normalise_domain, normalise_method
 from ..output import echo_json, echo_table, human_size, short_hash
 from ..registry import AdapterDraft, AdapterRecord, Registry, dataset_ref
 from ..registry_json import export_document, import_document
@@ -38,6 +40,11 @@ def list_adapters(obj, domain: str | None, method: str | None, as_json: bool) ->
     with obj.registry() as registry:
         records = registry.list_adapters(domain=domain, method=method)
         base_names = {b.base_model_hash: b.name for b in registry.list_bases()}
+        if not records and (domain or method) and not as_json:
+            everything = registry.list_adapters()
+            if everything:
+                click.echo(_no_match(everything, domain, method))
+                return
     if as_json:
         echo_json([r.to_entry() for r in records])
         return
@@ -58,6 +65,19 @@ def list_adapters(obj, domain: str | None, method: str | None, as_json: bool) ->
         ],
         empty="No adapters registered yet; train one with 'clara train' or add one with 'clara adapters register'.",
     )
+
+
+def _no_match(records: list[AdapterRecord], domain: str | None, method: str | None) -> str:
+    """Why a filtered list is empty while adapters are registered: what exists, and the closest spelling."""
+    filters = []
+    if domain:
+        filters.append(("domain", normalise_domain(domain), sorted({d for r in records for d in r.domain})))
+    if method:
+        filters.append(("method", normalise_method(method), sorted({r.method for r in records})))
+    asked = " and ".join(f"{what} '{value}'" for what, value, _ in filters)
+    known = "; ".join(f"{what}s: {', '.join(values)}" for what, _, values in filters)
+    hints = "".join(did_you_mean(value, values) for _, value, values in filters if value not in values)
+    return f"No adapter with {asked}; {known}{hints}"
 
 
 @adapters.command("show")
@@ -122,16 +142,26 @@ def show(obj, adapter_id: str, as_json: bool) -> None:
 @click.option("--keep-files", is_flag=True, help="Only unregister; leave the adapter folder on disk.")
 @click.pass_obj
 def rm(obj, adapter_id: str, yes: bool, keep_files: bool) -> None:
-    """Remove ADAPTER_ID from the registry and delete its folder (inside the workspace only)."""
+    """Remove ADAPTER_ID from the registry, and delete its folder if clara placed it there.
+
+    Folders that clara copied or trained into the workspace are deleted; folders registered with --in-place or
+    imported with import-json are only unregistered (clara did not put them there). The id is never given to
+    another adapter.
+    """
     workspace = obj.workspace()
     with Registry.open(workspace.registry_path) as registry:
         record = registry.get_adapter(adapter_id)
-        deletes = not keep_files and workspace.contains(record.path) and record.path.exists()
-        what = f"and delete {record.path}" if deletes else "(files stay where they are)"
+        folder = None if keep_files else registry.deletable_folder(record, workspace)
+        what = f"and delete {folder}" if folder else f"(its files stay in {record.path})"
         if not yes and not click.confirm(f"Remove adapter '{adapter_id}' {what}?", default=False):
             raise click.Abort()
-        registry.remove_adapter(adapter_id, workspace, delete_files=not keep_files)
-    click.echo(f"Removed {adapter_id}" + (f" and deleted {record.path}" if deletes else ""))
+        deleted = registry.remove_adapter(adapter_id, workspace, delete_files=not keep_files)
+    if deleted is not None:
+        click.echo(f"Removed {adapter_id} and deleted {deleted}")
+    elif keep_files or not record.path.exists():
+        click.echo(f"Removed {adapter_id}")
+    else:
+        click.echo(f"Removed {adapter_id}; its files stay in {record.path} (clara did not place them there)")
 
 
 def verify_adapter(
@@ -185,14 +215,27 @@ def verify_adapter(
 def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None:
     """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch.
 
+    Without ADAPTER_IDS, also notes adapter folders no registry row points to, and staging folders in
+    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add' removes those).
+
     With --rebuild, each adapter is trained again from the inputs recorded at training time (base, dataset,
     method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
     one; nothing is registered.
     """
-    with obj.registry() as registry:
+    workspace = obj.workspace()
+    try:
+        opened = Registry.open(workspace.registry_path)
+    except RegistryEmpty:  # a lost registry: say which folders it should know before failing
+        _report_unregistered(workspace, set())
+        _report_leftovers(workspace)
+        raise
+    with opened as registry:
         records = [registry.get_adapter(i) for i in adapter_ids] if adapter_ids else registry.list_adapters()
         if not records:
             click.echo("No adapters to verify.")
+            if not adapter_ids:
+                _report_unregistered(workspace, set())
+                _report_leftovers(workspace)
             return
         base_hashes: dict[str, str | None] = {}
         failures = 0
@@ -205,7 +248,8 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
             else:
                 click.echo(f"ok       {record.id}")
         if not adapter_ids:
-            _report_unregistered(obj.workspace(), {r.path.resolve() for r in registry.list_adapters()})
+            _report_unregistered(workspace, {r.path.resolve() for r in registry.list_adapters()})
+            _report_leftovers(workspace)
     if rebuild:
         failures += _rebuild(obj, records)
     if failures:
@@ -224,6 +268,17 @@ def _report_unregistered(workspace, registered: set[Path]) -> None:
                 f"'clara adapters register {workspace.relative(folder)} --domain {folder.parent.name} --in-place', "
                 "or delete it"
             )
+
+
+def _report_leftovers(workspace) -> None:
+    """Staging folders in metadata/tmp whose process died (killed during a copy or a training): reported here,
+    removed by the next command that stages files."""
+    for leftover in workspace.staging_leftovers():
+        click.echo(
+            f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging "
+            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add' removes "
+            "it, or delete it yourself"
+        )
 
 
 def _rebuild(obj, records: list[AdapterRecord]) -> int:
@@ -305,9 +360,6 @@ def register(
         if problems:
             raise Conflict(f"{path} does not fit base '{base.name}': {'; '.join(problems)}")
         checksum = hashing.adapter_checksum(path)
-        duplicate = registry.find_by_checksum(checksum, base.base_model_hash)
-        if duplicate is not None:
-            raise Conflict(f"{path} is already registered as '{duplicate.id}' (same adapter_checksum)")
         rank = int(config.get("r") or 0)
         draft = AdapterDraft(
             domain=list(domains),
@@ -331,7 +383,9 @@ def register(
             peft_config=config,
             size_bytes=hashing.folder_size(path),
         )
-        record = registry.register_adapter(draft, path, workspace, place="in_place" if in_place else "copy")
+        record = registry.register_adapter(
+            draft, path, workspace, place="in_place" if in_place else "copy", refuse_duplicate=True
+        )
     click.echo(f"Registered {record.id} at {record.path}")
 
 
@@ -354,9 +408,7 @@ def export_json(obj, out: Path | None) -> None:
         document = export_document(registry)
     target = out or workspace.metadata_dir / "adapter_registry.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, target)
+    write_json_atomic(target, document)
     click.echo(f"Wrote {len(document['adapters'])} adapter entries to {target}")
 
 
@@ -364,7 +416,11 @@ def export_json(obj, out: Path | None) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.pass_obj
 def import_json(obj, file: Path) -> None:
-    """Restore adapter entries from FILE (written by export-json); all or nothing."""
+    """Restore adapter entries from FILE (written by export-json); all or nothing.
+
+    Each adapter's path must lie in this workspace's models/adapters/; imported folders are never deleted by
+    'clara adapters rm' (clara did not place them).
+    """
     if not file.is_file():
         raise InvalidInput(f"{file}: no such file")
     try:

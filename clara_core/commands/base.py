@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from ..errors import Conflict
+from ..fileio import copy_folder
 from ..hashing import folder_size, read_model_config
+from ..naming import normalise_base_name
 from ..output import echo_json, echo_table, human_size, short_hash
-from ..registry import normalise_base_name
 
 
 @click.group()
@@ -45,7 +46,7 @@ def add(obj, path: Path, name: str | None, copy_in: bool) -> None:
                 raise Conflict(f"{target} already exists; choose another --name or register it in place")
             with workspace.staging("base") as staging:
                 click.echo(f"Copying {path} to {target} ...", err=True)
-                shutil.copytree(path, staging / "model")
+                copy_folder(path, staging / "model")  # a full disk: one line, nothing half-copied kept
                 target.parent.mkdir(parents=True, exist_ok=True)
                 (staging / "model").rename(target)
             source = target

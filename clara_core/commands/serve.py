@@ -168,6 +168,7 @@ def serve(
     /load_adapter, /unload_adapter, /activate_adapter, /generate, /metrics and the OpenAI-compatible /v1/models,
     /v1/completions and /v1/chat/completions, where 'model' is an adapter id or the base's name.
     """
+    from ..registry import Registry
     from ..serving.requestlog import JsonlRequestLog
     from ..serving.runner import bind, prepare, run
     from ..serving.state import ServeSettings
@@ -180,6 +181,8 @@ def serve(
     # times over; sleeping waits cost little (set OMP_WAIT_POLICY yourself to override)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     workspace = obj.workspace()
+    with Registry.open(workspace.registry_path) as registry:
+        registry.check_integrity()  # a damaged registry.db refuses to serve, rather than answer 500s later
     settings = ServeSettings(
         max_loaded=max_loaded,
         max_queue=max_queue,

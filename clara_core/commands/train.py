@@ -58,21 +58,23 @@ def _method_params(ctx: click.Context, taken: set[str | None]) -> list[click.Par
                 by_name[option.name] = (option, [method_name])
     params: list[click.Parameter] = []
     for name, (option, owners) in by_name.items():
-        flag = option.flag
         label = f"[{', '.join(owners)}] "
-        default_text = f" (default: {option.default})" if option.default is not None else ""
-        help_text = label + (option.help or "") + default_text
         dest = _METHOD_OPTION_PREFIX + name
-        if option.type is bool:
-            params.append(click.Option([f"{flag}/--no-{flag[2:]}", dest], default=None, help=help_text))
-        elif option.choices:
-            params.append(click.Option([flag, dest], type=click.Choice(list(option.choices)), help=help_text))
-        else:
-            params.append(click.Option([flag, dest], type=option.type, help=help_text))
+        declared = [methods[m].options for m in owners]
+        alike = all(
+            (o.type, o.choices) == (option.type, option.choices)
+            for opts in declared
+            for o in opts
+            if o.name == name
+        )
+        if alike:
+            params.append(option.click_option(dest, help_prefix=label))
+        else:  # two methods declare the name differently: the chosen method's Option converts the text later
+            params.append(click.Option([option.flag, dest], type=str, help=label + (option.help or "")))
     return params
 
 
-def _split_modules(values: tuple[str, ...]) -> list[str] | None:
+def _split_modules(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[str] | None:
     modules = [m.strip() for value in values for m in value.split(",") if m.strip()]
     return modules or None
 
@@ -100,6 +102,7 @@ def _split_modules(values: tuple[str, ...]) -> list[str] | None:
 @click.option(
     "--target-modules",
     multiple=True,
+    callback=_split_modules,
     help="Modules to adapt, comma-separated or repeated (default: every linear projection of the architecture).",
 )
 @click.option("--use-rslora", is_flag=True, help="Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
@@ -126,9 +129,19 @@ def _split_modules(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option("--max-seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
 @click.option(
-    "--no-truncate", is_flag=True, help="Refuse records longer than --max-seq-len instead of cutting them."
+    "--no-truncate",
+    "truncate",
+    flag_value=False,
+    default=True,
+    help="Refuse records longer than --max-seq-len instead of cutting them.",
 )
-@click.option("--no-packing", is_flag=True, help="One record per row (padding) instead of packing.")
+@click.option(
+    "--no-packing",
+    "packing",
+    flag_value=False,
+    default=True,
+    help="One record per row (padding) instead of packing.",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
@@ -137,7 +150,7 @@ def _split_modules(values: tuple[str, ...]) -> list[str] | None:
     help="Training precision (auto: float32 on a CPU, bfloat16 where a GPU supports it).",
 )
 @click.option(
-    "--license", "license_", help="License of the adapter, recorded in the registry (e.g. apache-2.0)."
+    "--license", "license", help="License of the adapter, recorded in the registry (e.g. apache-2.0)."
 )
 @click.option(
     "--out-dir",
@@ -175,34 +188,7 @@ def train(ctx: click.Context, **values: Any) -> None:
         for key, value in values.items()
         if key.startswith(_METHOD_OPTION_PREFIX) and value is not None
     }
-    config = TrainConfig(
-        base=values["base"],
-        domains=list(values["domains"]),
-        method=values["method"],
-        dataset=values["dataset"],
-        dev=values["dev"],
-        rank=values["rank"],
-        alpha=values["alpha"],
-        dropout=values["dropout"],
-        target_modules=_split_modules(values["target_modules"]),
-        use_rslora=values["use_rslora"],
-        batch_size=values["batch_size"],
-        micro_batch_size=values["micro_batch_size"],
-        epochs=values["epochs"],
-        max_steps=values["max_steps"],
-        lr=values["lr"],
-        warmup_steps=values["warmup_steps"],
-        seed=values["seed"],
-        max_seq_len=values["max_seq_len"],
-        truncate=not values["no_truncate"],
-        packing=not values["no_packing"],
-        dtype=values["dtype"],
-        license=values["license_"],
-        out_dir=values["out_dir"],
-        resume=values["resume"],
-        save_steps=values["save_steps"],
-        options=options,
-    )
+    config = TrainConfig.from_values({**values, "domains": list(values["domains"]), "options": options})
     workspace = obj.workspace()
     result = train_adapter(config, workspace, obj.plugins, echo=lambda line: click.echo(line, err=True))
     if result.record is None:

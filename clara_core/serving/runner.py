@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import check_adapter_for_base, check_base_unchanged
-from ..errors import ClaraError, InvalidInput
+from ..errors import ClaraError, InvalidInput, first_line
 from ..plugins import PluginManager
 from ..registry import AdapterRecord, Registry
-from ..types import EngineOptions, Option, RouterImpl
+from ..types import EngineOptions, Option, OptionValueError, RouterImpl
 from ..workspace import Workspace
 from .app import create_app
 from .requestlog import RequestObserver
@@ -39,22 +39,9 @@ def parse_engine_options(declared: Sequence[Option], given: Mapping[str, str], e
             known = ", ".join(sorted(by_name)) or "none"
             raise InvalidInput(f"engine '{engine}' has no option '{raw_name}'; its options: {known}")
         try:
-            if option.type is bool:
-                lowered = raw.strip().lower()
-                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(raw)
-                value: Any = lowered in ("1", "true", "yes", "on")
-            else:
-                value = option.type(raw)
-        except ValueError:
-            raise InvalidInput(
-                f"engine option '{name}' must be a {option.type.__name__}, got {raw!r}"
-            ) from None
-        if option.choices and str(value) not in option.choices:
-            raise InvalidInput(
-                f"engine option '{name}' must be one of {', '.join(option.choices)}, got {raw!r}"
-            )
-        values[name] = value
+            values[name] = option.convert(raw, label=f"engine option -o {name}")
+        except OptionValueError as exc:
+            raise InvalidInput(str(exc)) from None
     return values
 
 
@@ -72,6 +59,14 @@ def _registry_lookup(
             return registry.list_adapters()
 
     return lookup, list_all
+
+
+def max_rank(adapter: AdapterRecord) -> int:
+    """The adapter's largest LoRA rank: ``r``, or a larger per-module ``rank_pattern`` value."""
+    config = adapter.peft_config or {}
+    pattern = config.get("rank_pattern") or {}
+    values = pattern.values() if isinstance(pattern, Mapping) else ()
+    return max([int(config.get("r") or adapter.rank or 0), *(int(v) for v in values if isinstance(v, int))])
 
 
 def load_router(plugins: PluginManager, name: str, workspace: Workspace) -> RouterImpl:
@@ -132,6 +127,7 @@ def prepare(
             )
         for adapter_id in settings.preload:
             check_adapter_for_base(registry.get_adapter(adapter_id), base)
+        ranks = [max_rank(a) for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
     router = load_router(plugins, settings.router_name, workspace) if settings.router_name else None
     engine = registration.create(
         base,
@@ -139,7 +135,7 @@ def prepare(
             max_loaded=settings.max_loaded,
             max_queue=settings.max_queue,
             extra=extra,
-            registry_path=workspace.registry_path,
+            max_adapter_rank=max(ranks, default=None),
         ),
     )
     lookup, list_all = _registry_lookup(workspace.registry_path)
@@ -195,10 +191,9 @@ async def serve(
     except ClaraError:
         raise
     except Exception as exc:  # a broken model folder, out of memory, ...: one line, not a traceback
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ClaraError(
             f"engine '{state.settings.engine_name}' could not load base '{state.base.name}' "
-            f"({state.base.path}): {type(exc).__name__}: {detail}"
+            f"({state.base.path}): {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     try:
         for adapter_id in state.settings.preload:

@@ -22,7 +22,7 @@ import attrs
 
 from ..errors import ClaraError, InvalidInput, first_line
 from ..registry import AdapterRecord, BaseRecord
-from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouterImpl
+from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouteRequest, RouterImpl
 from .adapters import DEFAULT_QUEUE_TIMEOUT, AdapterManager
 from .admission import Admission
 from .errors import EngineError, error_body, redact_paths
@@ -230,7 +230,7 @@ class ServerState:
                 raise InvalidInput(
                     "adapter 'auto' needs a router: start the server with --router NAME (see 'clara plugins')"
                 )
-            decision = await asyncio.to_thread(self.router.route, prompt)
+            decision = await asyncio.to_thread(self.router.route, RouteRequest(prompt=prompt))
             return Selection(decision.adapter_id, "routed", float(decision.score), dict(decision.scores))
         if self.is_base_name(requested):
             return Selection(None, "named")

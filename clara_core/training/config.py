@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,52 @@ class TrainConfig:
         self.domains = [normalise_domain(d) for d in self.domains]
         self.method = self.method.strip().lower()
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from a mapping named like its fields (``clara train``'s parameters); other keys are
+        ignored, missing ones take the field's default."""
+        names = {field.name for field in attrs.fields(cls)}
+        return cls(**{name: value for name, value in values.items() if name in names})
+
+    def to_record(self, inputs: RecordedInputs) -> dict[str, Any]:
+        """The config as recorded in the registry (``training_config``): enough to train the same adapter
+        again. Paths are stored as ``inputs`` gives them (relative to the workspace), with their sha256."""
+        recorded: dict[str, Any] = {name: _plain(getattr(self, name)) for name in RECORDED_FIELDS}
+        recorded.update(
+            {
+                "base_model_hash": inputs.base_model_hash,
+                "dataset": inputs.dataset,
+                "dataset_sha256": inputs.dataset_sha256,
+                "dev": inputs.dev,
+                "dev_sha256": inputs.dev_sha256,
+                "micro_batch_size": inputs.micro_batch_size,
+                "gradient_accumulation_steps": inputs.gradient_accumulation_steps,
+                "world_size": inputs.world_size,
+                "precision": inputs.precision,
+                "lr_scheduler": "linear",
+                "options": dict(sorted(self.options.items())),
+                "target_modules": list(self.target_modules) if self.target_modules else None,
+            }
+        )
+        return recorded
+
+    @classmethod
+    def from_record(
+        cls, recorded: Mapping[str, Any], *, base: str, dataset: Path, dev: Path | None
+    ) -> TrainConfig:
+        """The config :meth:`to_record` wrote, with the base and the data sets where they are now; a field an
+        older record lacks takes its default."""
+        values: dict[str, Any] = {name: recorded[name] for name in RECORDED_FIELDS if name in recorded}
+        values.update(
+            base=base,
+            dataset=dataset,
+            dev=dev,
+            micro_batch_size=recorded.get("micro_batch_size"),
+            dtype=recorded.get("precision", "auto"),
+            options=dict(recorded.get("options") or {}),
+        )
+        return cls.from_values(values)
+
     def spec(self) -> AdapterSpec:
         return AdapterSpec(
             rank=self.rank,
@@ -95,6 +142,47 @@ class TrainConfig:
             seed=self.seed,
             options=dict(self.options),
         )
+
+
+#: Fields recorded as they are; the inputs' paths and hashes and the batch plan come from :class:`RecordedInputs`.
+RECORDED_FIELDS = (
+    "method",
+    "domains",
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "use_rslora",
+    "batch_size",
+    "epochs",
+    "max_steps",
+    "lr",
+    "warmup_steps",
+    "weight_decay",
+    "seed",
+    "max_seq_len",
+    "truncate",
+    "packing",
+)
+
+
+@attrs.frozen
+class RecordedInputs:
+    """What a run resolved besides the config: stored paths and hashes of its inputs and its batch plan."""
+
+    base_model_hash: str
+    dataset: str
+    dataset_sha256: str
+    dev: str | None
+    dev_sha256: str | None
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    precision: str
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def micro_batch_plan(config: TrainConfig, world_size: int, *, on_gpu: bool) -> tuple[int, int]:

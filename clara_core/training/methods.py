@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, first_line
 from ..types import AdapterSpec
 
 #: Layer classes that count as "a linear projection" when choosing default target modules.
@@ -39,9 +39,8 @@ def load_causal_lm(
     try:
         return AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidInput(
-            f"{base_path}: cannot be loaded as a causal language model ({first}); give a Hugging Face "
+            f"{base_path}: cannot be loaded as a causal language model ({first_line(exc)}); give a Hugging Face "
             "model folder with config.json and safetensors weights"
         ) from exc
 

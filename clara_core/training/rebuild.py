@@ -42,30 +42,11 @@ def config_from_record(record: AdapterRecord, workspace: Workspace, registry: Re
         _, digest = parse_dataset_ref(record.dataset_ref)
         if digest and digest != recorded["dataset_sha256"]:
             raise Conflict(f"adapter '{record.id}': dataset_ref and training config disagree; cannot rebuild")
-    return TrainConfig(
+    return TrainConfig.from_record(
+        {**recorded, "domains": list(recorded.get("domains") or record.domain)},
         base=str(base.path),
-        domains=list(recorded.get("domains") or record.domain),
-        method=recorded["method"],
         dataset=dataset,
-        rank=recorded["rank"],
-        alpha=recorded.get("alpha"),
-        dropout=recorded["dropout"],
-        target_modules=recorded.get("target_modules"),
-        use_rslora=bool(recorded.get("use_rslora")),
-        batch_size=recorded["batch_size"],
-        micro_batch_size=recorded["micro_batch_size"],
-        epochs=recorded["epochs"],
-        max_steps=recorded.get("max_steps"),
-        lr=recorded["lr"],
-        warmup_steps=recorded.get("warmup_steps", 0),
-        weight_decay=recorded.get("weight_decay", 0.0),
-        seed=recorded["seed"],
-        max_seq_len=recorded["max_seq_len"],
-        truncate=recorded.get("truncate", True),
-        packing=recorded.get("packing", True),
-        dtype=recorded.get("precision", "auto"),
         dev=dev,
-        options=dict(recorded.get("options") or {}),
     )
 
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clara_core import hookimpl
-from clara_core.training.methods import load_causal_lm, lora_config
-from clara_core.types import AdapterSpec, TrainerMethod, TrainerMethodImpl
+from clara_core.plugin_api import (
+    AdapterSpec,
+    TrainerMethod,
+    TrainerMethodImpl,
+    hookimpl,
+    load_causal_lm,
+    lora_config,
+)
 
 
 class LoraMethod(TrainerMethodImpl):

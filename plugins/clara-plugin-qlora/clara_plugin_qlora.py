@@ -11,10 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clara_core import hookimpl
-from clara_core.errors import InvalidInput
-from clara_core.training.methods import load_causal_lm, lora_config
-from clara_core.types import AdapterSpec, Option, TrainerMethod, TrainerMethodImpl
+from clara_core.plugin_api import (
+    AdapterSpec,
+    InvalidInput,
+    Option,
+    TrainerMethod,
+    TrainerMethodImpl,
+    hookimpl,
+    load_causal_lm,
+    lora_config,
+)
 
 
 class QLoraMethod(TrainerMethodImpl):
@@ -88,7 +94,7 @@ def register_trainer_methods(register):
             QLoraMethod,
             "LoRA on a 4-bit NF4 (double quantisation) or 8-bit base via bitsandbytes",
             options=[
-                Option("bits", int, 4, "Quantise the base to 4 (NF4) or 8 bits.", choices=("4", "8")),
+                Option("bits", int, 4, "Quantise the base to 4 (NF4) or 8 bits.", choices=(4, 8)),
                 Option("quant_type", str, "nf4", "4-bit data type.", choices=("nf4", "fp4")),
                 Option(
                     "gradient_checkpointing",

@@ -83,5 +83,5 @@ def test_bits_must_be_4_or_8(base_dir: Path, tmp_path: Path) -> None:
     config = TrainConfig(
         base=str(base_dir), domains=["x"], method="qlora", dataset=dataset, options={"bits": 3}
     )
-    with pytest.raises(InvalidInput, match="--bits must be 4 or 8, not 3"):
+    with pytest.raises(InvalidInput, match="--bits must be 4 or 8, got 3"):
         train_adapter(config, workspace, PluginManager(), echo=lambda line: None, show_progress=False)

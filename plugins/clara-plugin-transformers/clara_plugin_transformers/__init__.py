@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clara_core import hookimpl
-from clara_core.types import Engine, Option
+from clara_core.plugin_api import Engine, Option, hookimpl
 
 
 def make_engine(base: Any, options: Any) -> Any:

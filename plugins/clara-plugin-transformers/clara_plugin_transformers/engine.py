@@ -21,14 +21,16 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from clara_core.errors import ClaraError, InvalidInput
-from clara_core.hashing import AdapterFiles
-from clara_core.types import (
+from clara_core.plugin_api import (
+    AdapterFiles,
+    ClaraError,
     EngineCapabilities,
     EngineImpl,
     EngineOptions,
     GenerationChunk,
     GenerationRequest,
+    InvalidInput,
+    read_verified_adapter,
 )
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -184,8 +186,6 @@ class TransformersEngine(EngineImpl):
         return await asyncio.wrap_future(future)
 
     async def load_adapter(self, adapter: Any) -> None:
-        from clara_core.checks import read_verified_adapter
-
         # read once, hash those bytes, load those bytes: a file swapped after the check is never served
         files = await asyncio.to_thread(read_verified_adapter, adapter)
         await self._call(lambda: self._load_adapter(adapter.id, files))

@@ -12,8 +12,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-from clara_core import hookimpl
-from clara_core.types import Engine, EngineOptions
+from clara_core.plugin_api import Engine, EngineOptions, first_line, hookimpl
 
 from .errors import NOT_INSTALLED, VllmNotInstalled
 from .translate import ENGINE_OPTIONS
@@ -30,7 +29,7 @@ def require_vllm() -> Any:
     try:
         return importlib.import_module("vllm")
     except Exception as exc:  # a CUDA-less or torch-mismatched install fails here, not at find_spec
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise VllmNotInstalled(
             f"vLLM is installed but cannot be imported ({type(exc).__name__}: {reason}); it needs a CUDA "
             "machine with the torch it was built for: reinstall it there with pip install vllm "

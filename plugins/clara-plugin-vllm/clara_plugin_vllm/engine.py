@@ -33,10 +33,19 @@ from typing import Any
 
 import attrs
 
-from clara_core.errors import ClaraError, InvalidInput, NotFound
-from clara_core.registry import AdapterRecord, BaseRecord, Registry
-from clara_core.types import EngineCapabilities, EngineImpl, EngineOptions, GenerationChunk, GenerationRequest
-from clara_core.workspace import REGISTRY_FILE, Workspace
+from clara_core.plugin_api import (
+    AdapterRecord,
+    BaseRecord,
+    ClaraError,
+    EngineCapabilities,
+    EngineImpl,
+    EngineOptions,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidInput,
+    NotFound,
+    first_line,
+)
 
 from . import require_vllm
 from .errors import AdapterLoadFailed, VllmRequestFailed, VllmStartFailed
@@ -51,7 +60,6 @@ from .translate import (
     lora_request_kwargs,
     prompt_input,
     sampling_params_kwargs,
-    servable_ranks,
 )
 
 #: Seconds a blocking call (adapter load, unload) waits for vLLM before giving up.
@@ -59,47 +67,9 @@ CALL_TIMEOUT_S = 600.0
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def registry_candidates(base: BaseRecord, options: EngineOptions) -> list[Path]:
-    """Where the registry behind ``base`` may be: a workspace the server hands over, the workspace the base
-    lies in (``models/base/<name>``), then ``CLARA_HOME`` or the current folder's workspace."""
-    candidates: list[Path] = []
-    for attribute in ("registry_path", "workspace"):
-        value = getattr(options, attribute, None)
-        if isinstance(value, Workspace):
-            candidates.append(value.registry_path)
-        elif isinstance(value, str | Path):
-            path = Path(value)
-            candidates.append(path if path.suffix == ".db" else path / REGISTRY_FILE)
-    for folder in Path(base.path).resolve().parents:
-        if (folder / REGISTRY_FILE).is_file():
-            candidates.append(folder / REGISTRY_FILE)
-            break
-    with contextlib.suppress(ClaraError):
-        candidates.append(Workspace.find().registry_path)
-    unique: list[Path] = []
-    for candidate in candidates:
-        if candidate not in unique:
-            unique.append(candidate)
-    return unique
-
-
-def registry_adapters(base: BaseRecord, options: EngineOptions) -> list[AdapterRecord]:
-    """The adapters registered for ``base`` in the first registry that knows it (for max_lora_rank)."""
-    for path in registry_candidates(base, options):
-        if not path.is_file():
-            continue
-        try:
-            with Registry.open(path) as registry:
-                if registry.find_base(base.base_model_hash) is None:
-                    continue
-                return [a for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
-        except ClaraError:
-            continue
-    return []
+    """``Type: first line of the message`` (just ``Type`` when there is no message)."""
+    name, line = type(exc).__name__, first_line(exc)
+    return name if line == name else f"{name}: {line}"
 
 
 @attrs.define
@@ -119,20 +89,13 @@ class VllmEngine(EngineImpl):
         notes="vLLM continuous batching; up to max_loras different adapters share one batch",
     )
 
-    def __init__(
-        self,
-        base: BaseRecord,
-        options: EngineOptions,
-        *,
-        adapters: Sequence[AdapterRecord] | None = None,
-    ) -> None:
+    def __init__(self, base: BaseRecord, options: EngineOptions) -> None:
         self.base = base
         self.options = options
         self.extra: dict[str, Any] = dict(options.extra or {})
-        known = registry_adapters(base, options) if adapters is None else list(adapters)
-        self.limits = derive_lora_limits(
-            self.extra, options.max_loaded, servable_ranks(known, base.base_model_hash)
-        )
+        # clara serve hands over the largest rank among the registry's adapters for this base, so vLLM's
+        # max_lora_rank fits every registered adapter without the engine looking for a registry itself.
+        self.limits = derive_lora_limits(self.extra, options.max_loaded, options.max_adapter_rank)
         self.engine_kwargs = engine_args_kwargs(Path(base.path), base.name, self.limits, self.extra)
         self._ids = LoraIdAllocator()
         self._loaded: dict[str, _LoadedAdapter] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clara_core.errors import ClaraError, Conflict, InvalidInput
+from clara_core.plugin_api import ClaraError, Conflict, InvalidInput
 
 #: The line a user reads when the ``vllm`` engine is asked for on a machine without vLLM.
 NOT_INSTALLED = (

@@ -34,11 +34,15 @@ from typing import Any
 
 import attrs
 
-from clara_core import hashing
-from clara_core.checks import check_adapter_for_base
-from clara_core.errors import ClaraError
-from clara_core.registry import BaseRecord, Registry
-from clara_core.workspace import Workspace, validate_adapter_id
+from clara_core.plugin_api import (
+    BaseRecord,
+    ClaraError,
+    Registry,
+    base_model_hash,
+    check_adapter_for_base,
+    find_registry_path,
+    validate_adapter_id,
+)
 
 from .translate import adapter_peft_config, vllm_feature_problems
 
@@ -87,13 +91,13 @@ class ClaraRegistryResolver:
     def from_environment(cls, logger: logging.Logger | None = None) -> ClaraRegistryResolver | None:
         """The resolver for the workspace in ``CLARA_HOME`` (or around the working directory), if there is one."""
         try:
-            workspace = Workspace.find()
+            registry_path = find_registry_path()
         except ClaraError as exc:
             (logger or _log).warning(
                 "clara LoRA resolver is inactive: %s (set %s to the clara workspace)", exc, WORKSPACE_ENV
             )
             return None
-        return cls(workspace.registry_path, logger)
+        return cls(registry_path, logger)
 
     def _served_base(self, registry: Registry, served_model: str) -> BaseRecord:
         """The base vLLM serves: the registered base at that folder or of that name, else the folder itself
@@ -103,7 +107,7 @@ class ClaraRegistryResolver:
             registered = registry.base_for_path(folder)
             if registered is not None:
                 return registered
-            base_hash = hashing.base_model_hash(folder.resolve(), cache=registry)
+            base_hash = base_model_hash(folder.resolve(), cache=registry)
             found = registry.find_base(base_hash)
             if found is not None:
                 return found

@@ -38,9 +38,14 @@ from typing import Any
 
 import attrs
 
-from clara_core import hashing
-from clara_core.errors import ClaraError, InvalidInput
-from clara_core.types import GenerationChunk, GenerationRequest, Option
+from clara_core.plugin_api import (
+    ClaraError,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidInput,
+    Option,
+    read_adapter_config,
+)
 
 from .errors import AdapterNotServable, InvalidEngineOption, VllmRequestFailed
 
@@ -132,13 +137,16 @@ def round_up_rank(rank: int) -> int:
     return _DERIVED_RANKS[-1]
 
 
-def derive_lora_limits(options: Mapping[str, Any], max_loaded: int, ranks: Iterable[int]) -> LoraLimits:
+def derive_lora_limits(
+    options: Mapping[str, Any], max_loaded: int, max_adapter_rank: int | None = None
+) -> LoraLimits:
     """The LoRA limits for ``AsyncEngineArgs``: the user's options where given, else derived.
 
     ``max_loras`` (adapters in one batch) and ``max_cpu_loras`` (vLLM's CPU cache) default to clara's
-    ``clara serve --max-loaded``, so every adapter the server keeps loaded can share one batch. ``max_lora_rank`` defaults
-    to the largest rank among the registry's servable adapters for this base, rounded up to a value vLLM
-    accepts; with no adapters it stays at vLLM's default of 16.
+    ``clara serve --max-loaded``, so every adapter the server keeps loaded can share one batch.
+    ``max_lora_rank`` defaults to ``max_adapter_rank`` (what ``clara serve`` hands over in
+    ``EngineOptions``: the largest rank among the registry's adapters for this base), rounded up to a value
+    vLLM accepts; with no adapters it stays at vLLM's default of 16.
     """
     max_loaded = max(1, int(max_loaded))
     max_loras = _positive_int(options, "max_loras") or max_loaded
@@ -151,13 +159,14 @@ def derive_lora_limits(options: Mapping[str, Any], max_loaded: int, ranks: Itera
                 f"(the next one up is {round_up_rank(explicit_rank)}: -o max_lora_rank={round_up_rank(explicit_rank)})"
             )
         max_lora_rank, source = explicit_rank, "-o max_lora_rank"
+    elif max_adapter_rank:
+        max_lora_rank = round_up_rank(int(max_adapter_rank))
+        source = f"registry (largest registered rank {max_adapter_rank})"
     else:
-        known = [int(r) for r in ranks if r]
-        if known:
-            max_lora_rank = round_up_rank(max(known))
-            source = f"registry (largest servable rank {max(known)})"
-        else:
-            max_lora_rank, source = VLLM_DEFAULT_MAX_LORA_RANK, "vLLM default (no servable adapters found)"
+        max_lora_rank, source = (
+            VLLM_DEFAULT_MAX_LORA_RANK,
+            "vLLM default (no adapters registered for the base)",
+        )
     max_cpu_loras = _positive_int(options, "max_cpu_loras")
     if max_cpu_loras is None:
         max_cpu_loras = max(max_loaded, max_loras)
@@ -270,7 +279,7 @@ def check_engine_arg_names(kwargs: Mapping[str, Any], known: Iterable[str]) -> N
 def adapter_peft_config(adapter: Any) -> dict[str, Any]:
     """The adapter's PEFT config as vLLM will read it: its ``adapter_config.json``, else the registry's copy."""
     try:
-        return hashing.read_adapter_config(Path(adapter.path))
+        return read_adapter_config(Path(adapter.path))
     except ClaraError:
         return dict(adapter.peft_config or {})
 
@@ -337,19 +346,6 @@ def check_adapter_servable(adapter: Any, max_lora_rank: int, config: Mapping[str
             f"{max_lora_rank}: {hint}"
         )
     return rank
-
-
-def servable_ranks(adapters: Iterable[Any], base_model_hash: str) -> list[int]:
-    """Effective ranks of the adapters registered for this base that vLLM could serve (for max_lora_rank)."""
-    ranks = []
-    for adapter in adapters:
-        if adapter.base_model_hash != base_model_hash:
-            continue
-        config = adapter.peft_config or {}
-        if vllm_feature_problems(adapter.id, config, adapter.method or ""):
-            continue
-        ranks.append(effective_rank(config, adapter.rank))
-    return ranks
 
 
 class LoraIdAllocator:

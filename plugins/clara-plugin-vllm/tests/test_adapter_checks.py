@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from clara_plugin_vllm.engine import VllmEngine, registry_adapters
+from clara_plugin_vllm.engine import VllmEngine
 from clara_plugin_vllm.errors import AdapterNotServable, VllmRequestFailed
 from clara_plugin_vllm.translate import (
     adapter_peft_config,
     check_adapter_servable,
     effective_rank,
-    servable_ranks,
     vllm_feature_problems,
 )
 
-from clara_core.types import EngineOptions
+from clara_core.plugin_api import EngineOptions
 
 
 def test_a_plain_lora_is_servable(populated):
@@ -57,22 +56,26 @@ def test_rank_pattern_counts_towards_the_rank():
     assert effective_rank({}, fallback=4) == 4
 
 
-def test_servable_ranks_skip_what_vllm_cannot_load_and_other_bases(populated):
-    adapters = list(populated["adapters"].values())
-    ranks = servable_ranks(adapters, populated["base"].base_model_hash)
-    assert sorted(ranks) == [4, 8, 32]  # the DoRA and modules_to_save adapters do not count
-    assert servable_ranks(adapters, "another-base-hash") == []
-
-
-def test_the_engine_derives_its_limits_from_the_registry_around_its_base(populated):
+def test_the_engine_sizes_max_lora_rank_from_what_the_server_hands_over(populated):
     base = populated["base"]
-    assert registry_adapters(base, EngineOptions())  # found from models/base/tiny upwards
-    engine = VllmEngine(base, EngineOptions(max_loaded=3, extra={}))
-    assert engine.limits.max_lora_rank == 32  # the rank-32 adapter, the largest servable one
+    engine = VllmEngine(base, EngineOptions(max_loaded=3, extra={}, max_adapter_rank=32))
+    assert engine.limits.max_lora_rank == 32
+    assert "largest registered rank 32" in engine.limits.rank_source
     assert (engine.limits.max_loras, engine.limits.max_cpu_loras) == (3, 3)
     assert engine.engine_kwargs["enable_lora"] is True
     assert engine.engine_kwargs["model"] == str(base.path)
     assert engine.capabilities.mixed_adapter_batching is True
+    # A rank vLLM does not accept is rounded up to the next one it does.
+    assert VllmEngine(base, EngineOptions(max_adapter_rank=20)).limits.max_lora_rank == 32
+
+
+def test_the_engine_does_not_look_for_a_registry_itself(populated, monkeypatch):
+    """The base lies inside a workspace and CLARA_HOME points at it, yet without max_adapter_rank from the
+    server the engine keeps vLLM's default: the server, not the engine, reads the registry."""
+    monkeypatch.setenv("CLARA_HOME", str(populated["workspace"].root))
+    engine = VllmEngine(populated["base"], EngineOptions())
+    assert engine.limits.max_lora_rank == 16
+    assert "no adapters registered" in engine.limits.rank_source
 
 
 def test_the_engine_refuses_unservable_adapters_at_load_before_touching_vllm(populated):
@@ -88,23 +91,9 @@ def test_the_engine_refuses_unservable_adapters_at_load_before_touching_vllm(pop
 
 
 def test_the_engine_tokenises_and_renders_chat_with_the_base_tokenizer(populated):
-    engine = VllmEngine(populated["base"], EngineOptions(), adapters=[])
+    engine = VllmEngine(populated["base"], EngineOptions())
     assert engine.limits.max_lora_rank == 16
     prompt = engine.render_chat([{"role": "user", "content": "Wer setzt die Steuer fest?"}])
     assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>\n")
     assert engine.count_tokens("Das Finanzamt setzt die Steuer fest.") > 0
     assert engine.health()["running"] is False
-
-
-def test_the_engine_uses_the_registry_clara_serve_hands_over(populated, tiny_base_dir, monkeypatch, tmp_path):
-    """A base registered where it lies, outside the workspace: the server's registry_path is what finds the
-    adapters (no CLARA_HOME, no workspace around the base or the current folder)."""
-    import attrs
-
-    monkeypatch.delenv("CLARA_HOME", raising=False)
-    monkeypatch.chdir(tmp_path)
-    outside = attrs.evolve(populated["base"], path=tiny_base_dir)
-    assert registry_adapters(outside, EngineOptions()) == []
-    handed = EngineOptions(registry_path=populated["workspace"].registry_path)
-    assert max(a.rank for a in registry_adapters(outside, handed)) == 32
-    assert VllmEngine(outside, handed).limits.max_lora_rank == 32

@@ -151,7 +151,9 @@ async def collect(engine: VllmEngine, **fields) -> tuple[str, list]:
 
 def test_the_engine_drives_vllm_on_its_own_loop_with_one_lora_request_per_request(populated, fake_vllm):
     adapters = populated["adapters"]
-    engine = VllmEngine(populated["base"], EngineOptions(max_loaded=4, extra={"max_model_len": 64}))
+    engine = VllmEngine(
+        populated["base"], EngineOptions(max_loaded=4, extra={"max_model_len": 64}, max_adapter_rank=32)
+    )
 
     async def scenario() -> None:
         await engine.start()

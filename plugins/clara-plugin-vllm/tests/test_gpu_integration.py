@@ -103,9 +103,12 @@ def test_the_vllm_engine_serves_two_adapters_in_one_batch_each_with_its_own_outp
     from clara_plugin_vllm import make_engine
     from clara_plugin_vllm.errors import AdapterNotServable
 
+    from clara_core.serving.runner import max_rank
+
     base, adapters = gpu_workspace["base"], gpu_workspace["adapters"]
     options = EngineOptions(
         max_loaded=4,
+        max_adapter_rank=max(max_rank(a) for a in adapters.values()),  # as clara serve computes it
         extra={
             "gpu_memory_utilization": 0.3,
             "enforce_eager": True,
@@ -114,7 +117,7 @@ def test_the_vllm_engine_serves_two_adapters_in_one_batch_each_with_its_own_outp
         },
     )
     engine = make_engine(base, options)
-    assert engine.limits.max_lora_rank == 8  # derived from the registry's LoRA ranks
+    assert engine.limits.max_lora_rank == 8  # from the registry's ranks, handed over by the server
 
     async def answer(
         adapter_id: str | None, prompt: str = "Das Finanzamt setzt"

@@ -128,24 +128,22 @@ def test_declared_options_are_unique_and_typed():
 # -- LoRA limits ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("ranks", "expected"), [([4], 8), ([4, 16], 16), ([17], 32), ([64, 8], 64), ([300], 320), ([600], 512)]
-)
-def test_max_lora_rank_is_derived_from_the_registry_ranks_rounded_up(ranks, expected):
-    limits = derive_lora_limits(defaults(), max_loaded=8, ranks=ranks)
+@pytest.mark.parametrize(("rank", "expected"), [(4, 8), (16, 16), (17, 32), (64, 64), (300, 320), (600, 512)])
+def test_max_lora_rank_is_the_servers_max_adapter_rank_rounded_up(rank, expected):
+    limits = derive_lora_limits(defaults(), max_loaded=8, max_adapter_rank=rank)
     assert limits.max_lora_rank == expected
     assert expected in VLLM_MAX_LORA_RANKS
     assert "registry" in limits.rank_source
 
 
 def test_without_adapters_the_rank_is_vllms_default_and_slots_follow_max_loaded():
-    limits = derive_lora_limits(defaults(), max_loaded=6, ranks=[])
+    limits = derive_lora_limits(defaults(), max_loaded=6, max_adapter_rank=None)
     assert (limits.max_loras, limits.max_lora_rank, limits.max_cpu_loras) == (6, 16, 6)
 
 
 def test_explicit_limits_win_over_derived_ones():
     options = defaults() | {"max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 10}
-    limits = derive_lora_limits(options, max_loaded=8, ranks=[8])
+    limits = derive_lora_limits(options, max_loaded=8, max_adapter_rank=8)
     assert (limits.max_loras, limits.max_lora_rank, limits.max_cpu_loras) == (2, 64, 10)
     assert limits.rank_source == "-o max_lora_rank"
 
@@ -154,12 +152,12 @@ def test_a_rank_vllm_does_not_accept_is_refused_with_the_next_allowed_one():
     with pytest.raises(
         InvalidEngineOption, match=r"max_lora_rank 24 .*next one up is 32: -o max_lora_rank=32"
     ):
-        derive_lora_limits(defaults() | {"max_lora_rank": 24}, max_loaded=8, ranks=[])
+        derive_lora_limits(defaults() | {"max_lora_rank": 24}, max_loaded=8)
 
 
 def test_cpu_cache_smaller_than_gpu_slots_is_refused():
     with pytest.raises(InvalidEngineOption, match="max_cpu_loras >= max_loras"):
-        derive_lora_limits(defaults() | {"max_loras": 8, "max_cpu_loras": 4}, max_loaded=8, ranks=[])
+        derive_lora_limits(defaults() | {"max_loras": 8, "max_cpu_loras": 4}, max_loaded=8)
 
 
 def test_round_up_rank_stays_within_vllms_values():
