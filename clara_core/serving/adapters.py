@@ -299,7 +299,9 @@ class AdapterManager:
         except BaseException:
             self._restore(victim)
             raise
+        checked = time.perf_counter() - started
         async with self._engine_lock:
+            started = time.perf_counter()  # the wait for the lock (another load) is not this load's time
             if victim is not None:
                 try:
                     await self.engine.unload_adapter(victim)
@@ -310,7 +312,7 @@ class AdapterManager:
                 self.metrics.evictions.labels(victim).inc()
                 self.metrics.loaded.set(len(self.loaded))
             await self.engine.load_adapter(record)
-        elapsed = time.perf_counter() - started
+        elapsed = checked + time.perf_counter() - started
         self.load_seconds[adapter_id] = elapsed
         self.metrics.loads.labels(adapter_id).inc()
         self.metrics.load_seconds.observe(elapsed)
