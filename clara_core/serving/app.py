@@ -78,6 +78,10 @@ def _error_headers(exc: ClaraError) -> dict[str, str] | None:
     return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
+#: Sent with an answer given before the body was read: the server closes the connection instead of reading on.
+_CLOSE = {"Connection": "close"}
+
+
 class LimitsMiddleware:
     """API key (everything but ``/health``), body size limit and body deadline, before any body is parsed.
 
@@ -112,7 +116,7 @@ class LimitsMiddleware:
         length = headers.get("content-length", "").strip()
         too_large = PayloadTooLarge(f"request body larger than the limit of {self.max_body_bytes} bytes")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await _json_response(too_large.http_status, too_large.code, too_large.message)(
+            await _json_response(too_large.http_status, too_large.code, too_large.message, _CLOSE)(
                 scope, receive, send
             )
             return
@@ -135,9 +139,10 @@ class LimitsMiddleware:
                         return  # the client went away
                     body += message.get("body", b"")
                     if len(body) > self.max_body_bytes:
-                        await _json_response(too_large.http_status, too_large.code, too_large.message)(
-                            scope, receive, send
-                        )
+                        # the rest of the body is never read: the connection closes after this answer
+                        await _json_response(
+                            too_large.http_status, too_large.code, too_large.message, _CLOSE
+                        )(scope, receive, send)
                         return
                     if not message.get("more_body"):
                         break
@@ -145,7 +150,7 @@ class LimitsMiddleware:
             late = RequestTimeout(
                 f"the request body did not arrive within {self.read_timeout:g} s (--read-timeout)"
             )
-            await _json_response(late.http_status, late.code, late.message)(scope, receive, send)
+            await _json_response(late.http_status, late.code, late.message, _CLOSE)(scope, receive, send)
             return
         replayed = False
 
