@@ -67,6 +67,8 @@ class AdapterInUse(ClaraError):
 
 
 def error_body(code: str, message: str) -> dict:
+    # a message that quotes a client's text must still encode: lone surrogates become \udXXX escapes
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"code": code, "message": message}}
 
 

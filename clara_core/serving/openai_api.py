@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Literal
 
@@ -186,7 +187,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
         if not any(m["content"].strip() for m in messages):
             raise InvalidInput("the prompt is empty; the messages hold no text")
-        prompt = state.engine.render_chat(messages)
+        prompt = await asyncio.to_thread(state.engine.render_chat, messages)  # long messages: off the loop
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request = GenerationRequest(
             prompt=prompt,
