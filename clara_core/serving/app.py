@@ -78,7 +78,7 @@ def _error_headers(exc: ClaraError) -> dict[str, str] | None:
     return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
-#: Sent with an answer given before the body was read: the server closes the connection instead of reading on.
+#: Sent with a 408: a client too slow to send its body is not waited for any longer.
 _CLOSE = {"Connection": "close"}
 
 
@@ -116,7 +116,7 @@ class LimitsMiddleware:
         length = headers.get("content-length", "").strip()
         too_large = PayloadTooLarge(f"request body larger than the limit of {self.max_body_bytes} bytes")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await _json_response(too_large.http_status, too_large.code, too_large.message, _CLOSE)(
+            await _json_response(too_large.http_status, too_large.code, too_large.message)(
                 scope, receive, send
             )
             return
@@ -139,10 +139,10 @@ class LimitsMiddleware:
                         return  # the client went away
                     body += message.get("body", b"")
                     if len(body) > self.max_body_bytes:
-                        # the rest of the body is never read: the connection closes after this answer
-                        await _json_response(
-                            too_large.http_status, too_large.code, too_large.message, _CLOSE
-                        )(scope, receive, send)
+                        # the rest is discarded as it arrives, for --read-timeout at most (see .protocol)
+                        await _json_response(too_large.http_status, too_large.code, too_large.message)(
+                            scope, receive, send
+                        )
                         return
                     if not message.get("more_body"):
                         break
