@@ -480,8 +480,17 @@ def test_serve_refuses_a_base_whose_weights_changed_since_registration(
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # one flipped bit in the last tensor
     weights.write_bytes(bytes(data))
+    said: list[str] = []
     with pytest.raises(Conflict) as refused:
-        prepare(workspace, manager, engine_name="probe", base_name=None, settings=ServeSettings())
+        prepare(
+            workspace,
+            manager,
+            engine_name="probe",
+            base_name=None,
+            settings=ServeSettings(),
+            echo=said.append,
+        )
+    assert said == ["clara: hashing model.safetensors of base 'tiny' to check it against the registry ..."]
     message = str(refused.value)
     assert "changed since it was registered" in message
     assert f"clara base add {base_dir.resolve()} --name tiny-2" in message

@@ -206,5 +206,6 @@ def serve(
         observers=[JsonlRequestLog(workspace.metadata_dir / "logs" / "requests.jsonl")]
         if log_requests
         else [],
+        echo=lambda line: click.echo(line, err=True),
     )
     run(state, host, port, echo=lambda line: click.echo(line, err=True))

@@ -86,11 +86,15 @@ class _ReadMostlyCache:
     """The registry's per-file hash cache for the start-up check of the base: a cache entry that cannot be
     written (read-only registry, full disk) costs a hash next time, never the start."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, on_miss: Callable[[str], None] | None = None) -> None:
         self.registry = registry
+        self.on_miss = on_miss
 
     def get(self, path: str, size: int, mtime_ns: int) -> str | None:
-        return self.registry.get(path, size, mtime_ns)
+        cached = self.registry.get(path, size, mtime_ns)
+        if cached is None and self.on_miss is not None:
+            self.on_miss(path)
+        return cached
 
     def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
         with contextlib.suppress(sqlite3.Error, ClaraError):
@@ -106,8 +110,12 @@ def prepare(
     settings: ServeSettings,
     engine_options: Mapping[str, str] | None = None,
     observers: Sequence[RequestObserver] = (),
+    echo: Callable[[str], None] | None = None,
 ) -> ServerState:
-    """Resolve engine, base, router and preloaded adapters; build the engine (not started) and the state."""
+    """Resolve engine, base, router and preloaded adapters; build the engine (not started) and the state.
+
+    The base's files are checked against its registered hash first (``echo`` hears of each file that must be
+    hashed because it changed or was never hashed on this machine)."""
     if settings.max_loaded < 1:
         raise InvalidInput(f"--max-loaded must be at least 1, got {settings.max_loaded}")
     if settings.max_queue < 1:
@@ -120,7 +128,16 @@ def prepare(
     extra = parse_engine_options(registration.options, engine_options or {}, registration.name)
     with Registry.open(workspace.registry_path) as registry:
         base = registry.choose_base(base_name)
-        check_base_unchanged(base, _ReadMostlyCache(registry))
+
+        def on_miss(
+            path: str,
+        ) -> None:  # a changed file, or one never hashed on this machine: it takes a while
+            if echo is not None:
+                echo(
+                    f"clara: hashing {Path(path).name} of base '{base.name}' to check it against the registry ..."
+                )
+
+        check_base_unchanged(base, _ReadMostlyCache(registry, on_miss))
         if len(settings.preload) > settings.max_loaded:
             raise InvalidInput(
                 f"{len(settings.preload)} adapters to preload but --max-loaded is {settings.max_loaded}"
