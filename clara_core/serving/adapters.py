@@ -14,7 +14,10 @@ request for an adapter that is not loaded waits in one first-come-first-served q
   one, preferring adapters nobody is waiting for) and that victim *drains*: its running requests finish,
   new requests for it queue behind the claim, so a rarely used adapter is never starved by busy ones;
 * requests on the other loaded adapters keep running (and batching) meanwhile: nothing holds a lock while
-  waiting, only the engine's load/unload calls are serialised.
+  waiting. Loads of different adapters may run at once (an engine that loads between decoding steps, like
+  the transformers engine, then does several at one step boundary); one adapter id is never loaded and
+  unloaded at the same time, and a victim is unloaded before its successor loads, so at most ``max_loaded``
+  adapters are ever loaded.
 
 A wait longer than ``queue_timeout`` seconds answers 503 ``queue_timeout`` with ``Retry-After`` (the admission
 queue, ``--max-queue``, bounds how many wait). Every wait is observed in ``clara_adapter_queue_wait_seconds``.
@@ -83,7 +86,6 @@ class AdapterManager:
         self.waiters: deque[_Waiter] = deque()
         #: records of victims taken off the books for a load that has not unloaded them yet
         self._evicted: dict[str, AdapterRecord] = {}
-        self._engine_lock = asyncio.Lock()  # one engine load/unload at a time; never held while waiting
         self._tasks: set[asyncio.Task[None]] = set()
         #: called after every change of the bookkeeping (tests wait on it instead of sleeping)
         self.on_change: Callable[[], None] | None = None
@@ -299,20 +301,17 @@ class AdapterManager:
         except BaseException:
             self._restore(victim)
             raise
-        checked = time.perf_counter() - started
-        async with self._engine_lock:
-            started = time.perf_counter()  # the wait for the lock (another load) is not this load's time
-            if victim is not None:
-                try:
-                    await self.engine.unload_adapter(victim)
-                except BaseException:
-                    self._restore(victim)
-                    raise
-                self._evicted.pop(victim, None)
-                self.metrics.evictions.labels(victim).inc()
-                self.metrics.loaded.set(len(self.loaded))
-            await self.engine.load_adapter(record)
-        elapsed = checked + time.perf_counter() - started
+        if victim is not None:
+            try:
+                await self.engine.unload_adapter(victim)
+            except BaseException:
+                self._restore(victim)
+                raise
+            self._evicted.pop(victim, None)
+            self.metrics.evictions.labels(victim).inc()
+            self.metrics.loaded.set(len(self.loaded))
+        await self.engine.load_adapter(record)
+        elapsed = time.perf_counter() - started
         self.load_seconds[adapter_id] = elapsed
         self.metrics.loads.labels(adapter_id).inc()
         self.metrics.load_seconds.observe(elapsed)
@@ -347,8 +346,7 @@ class AdapterManager:
             )
         self.unloading.add(adapter_id)  # still holds its slot, takes no requests, is no victim
         try:
-            async with self._engine_lock:
-                await self.engine.unload_adapter(adapter_id)
+            await self.engine.unload_adapter(adapter_id)
         except BaseException:
             self.unloading.discard(adapter_id)
             self._pump()
