@@ -42,7 +42,7 @@ from ..checks import check_adapter_for_base
 from ..errors import Conflict, NotFound
 from ..registry import AdapterRecord, BaseRecord
 from ..types import EngineImpl
-from .errors import AdapterInUse, QueueTimeout
+from .errors import AdapterChanged, AdapterInUse, QueueTimeout
 from .metrics import Metrics
 
 #: ``--queue-timeout`` default: seconds a request waits for an adapter slot before 503.
@@ -84,6 +84,8 @@ class AdapterManager:
         #: loaded adapter -> the waiting adapter that claimed its slot; it takes no new requests
         self.draining: dict[str, str] = {}
         self.waiters: deque[_Waiter] = deque()
+        #: records of victims taken off the books for a load that has not unloaded them yet
+        self._evicted: dict[str, AdapterRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: called after every change of the bookkeeping (tests wait on it instead of sleeping)
         self.on_change: Callable[[], None] | None = None
@@ -149,7 +151,10 @@ class AdapterManager:
             self.metrics.queue_wait.labels(adapter_id).observe(0.0)
             return self._take(adapter_id), False
         if adapter_id not in self.loaded and adapter_id not in self.loading:
-            self.lookup(adapter_id)  # 404 for an unknown id before it waits
+            await asyncio.to_thread(self.lookup, adapter_id)  # 404 for an unknown id before it waits
+            if self.usable(adapter_id):  # loaded by another request meanwhile
+                self.metrics.queue_wait.labels(adapter_id).observe(0.0)
+                return self._take(adapter_id), False
         loop = asyncio.get_running_loop()
         waiter = _Waiter(adapter_id, loop.create_future(), time.perf_counter())
         self.waiters.append(waiter)
@@ -258,7 +263,7 @@ class AdapterManager:
     def _start_load(self, adapter_id: str, *, victim: str | None) -> None:
         """Reserve a slot for ``adapter_id`` now (evicting idle ``victim`` from the books), load in a task."""
         if victim is not None:
-            del self.loaded[victim]
+            self._evicted[victim] = self.loaded.pop(victim)  # put back if the load fails before the unload
         self.loading[adapter_id] = victim
         task = asyncio.get_running_loop().create_task(self._load_task(adapter_id, victim))
         self._tasks.add(task)
@@ -287,7 +292,7 @@ class AdapterManager:
         the victim is put back if it is still loaded in the engine."""
         started = time.perf_counter()
         try:
-            record = self.lookup(adapter_id)
+            record = await asyncio.to_thread(self.lookup, adapter_id)
             try:
                 await asyncio.to_thread(check_adapter_for_base, record, self.base)
             except Conflict:
@@ -302,6 +307,7 @@ class AdapterManager:
             except BaseException:
                 self._restore(victim)
                 raise
+            self._evicted.pop(victim, None)
             self.metrics.evictions.labels(victim).inc()
             self.metrics.loaded.set(len(self.loaded))
         await self.engine.load_adapter(record)
@@ -313,7 +319,7 @@ class AdapterManager:
 
     def _restore(self, victim: str | None) -> None:
         if victim is not None and victim not in self.loaded:
-            self.loaded[victim] = self.lookup(victim)
+            self.loaded[victim] = self._evicted.pop(victim)
             self.loaded.move_to_end(victim, last=False)  # first in line for the next eviction
 
     # -- the API the server uses ---------------------------------------------------------------------------
@@ -321,6 +327,7 @@ class AdapterManager:
     async def load(self, adapter_id: str) -> tuple[AdapterRecord, bool]:
         """Load ``adapter_id`` if it is not loaded (waiting for a slot like any request); returns its record
         and whether it was loaded now."""
+        await self.current(adapter_id)
         if adapter_id in self.loaded:
             self._touch(adapter_id)
             return self.loaded[adapter_id], False
@@ -330,7 +337,7 @@ class AdapterManager:
 
     async def unload(self, adapter_id: str) -> None:
         if adapter_id not in self.loaded or adapter_id in self.unloading:
-            self.lookup(adapter_id)  # 404 for ids the registry does not know
+            await asyncio.to_thread(self.lookup, adapter_id)  # 404 for ids the registry does not know
             raise NotFound(f"adapter '{adapter_id}' is not loaded")
         busy = self.in_use.get(adapter_id, 0)
         if busy:
@@ -350,6 +357,34 @@ class AdapterManager:
         self.metrics.loaded.set(len(self.loaded))
         self._pump()
 
+    async def current(self, adapter_id: str) -> AdapterRecord:
+        """The registry's record of ``adapter_id``, read off the event loop, checked against what is loaded.
+
+        A loaded adapter whose row is gone (``clara adapters rm``) or now names other files (another checksum
+        or base) is unloaded, so that the next use loads what the registry says; while requests still run on
+        the old weights the new request gets 503 ``adapter_changed`` (retry shortly) instead of them.
+        """
+        try:
+            record = await asyncio.to_thread(self.lookup, adapter_id)
+        except NotFound:
+            await self._retire(adapter_id, "was removed from the registry")
+            raise
+        loaded = self.loaded.get(adapter_id)
+        if loaded is not None and _identity(loaded) != _identity(record):
+            await self._retire(adapter_id, "changed in the registry (other files under this id)")
+        return record
+
+    async def _retire(self, adapter_id: str, why: str) -> None:
+        if adapter_id not in self.loaded or adapter_id in self.unloading:
+            return
+        busy = self.in_use.get(adapter_id, 0)
+        if busy:
+            raise AdapterChanged(
+                f"adapter '{adapter_id}' {why} while {busy} request(s) still run on its old weights; "
+                "retry when they are done"
+            )
+        await self.unload(adapter_id)
+
     @asynccontextmanager
     async def use(self, adapter_id: str | None) -> AsyncIterator[AdapterRecord | None]:
         """Hold ``adapter_id`` loaded (waiting for a slot and hot-swapping it in if needed) for the duration
@@ -362,3 +397,8 @@ class AdapterManager:
             yield record
         finally:
             self._release(adapter_id)
+
+
+def _identity(record: AdapterRecord) -> tuple[str | None, str]:
+    """What makes two records of one id the same adapter: the files (checksum) and the base they fit."""
+    return record.adapter_checksum, record.base_model_hash
