@@ -69,9 +69,14 @@ def register_merge_strategies(register: Any) -> None:
 
     Call ``register(MergeStrategy(name, factory, description, options))``; ``factory()`` returns a
     :class:`~clara_core.plugin_api.MergeStrategyImpl` whose ``merge_module(request)`` combines the components'
-    deltas of one module (a :class:`~clara_core.plugin_api.ModuleMergeRequest`: ``module``, ``deltas``,
-    ``weights``, ``base_weight``, ``options``). Declared ``options`` become flags of ``clara composite build``
-    (``--density 0.5``) and reach the strategy as ``request.options``, so the core never needs to know them.
+    deltas of one module. The request (a :class:`~clara_core.plugin_api.ModuleMergeRequest`) holds ``module``,
+    ``deltas`` (one :class:`~clara_core.plugin_api.ModuleDelta` per component touching the module: ``lora_A``,
+    ``lora_B``, ``scaling``, ``magnitude`` for DoRA, the user's ``weight``, and ``dense(base_weight)``),
+    ``base_weight`` (only for strategies with ``needs_base_weight = True``, or where a component is DoRA),
+    ``options`` and ``seed``. Return a :class:`~clara_core.plugin_api.MergedModule`: factors (stored exactly)
+    or a ``dense_delta`` (clara compresses it by SVD and records the error), optionally with a DoRA
+    ``magnitude``. Declared ``options`` become flags of ``clara composite build`` (``--density 0.5``) and
+    reach the strategy as ``request.options``, so the core never needs to know them.
 
     Example::
 
@@ -80,12 +85,12 @@ def register_merge_strategies(register: Any) -> None:
         class Mean(MergeStrategyImpl):
             def merge_module(self, request):
                 deltas = request.deltas
-                dense = sum(d.scaling * (d.lora_B @ d.lora_A) for d in deltas) / len(deltas)
+                dense = sum(d.weight * d.dense(request.base_weight) for d in deltas) / len(deltas)
                 return MergedModule(dense_delta=dense * request.options["gain"])
 
         @hookimpl
         def register_merge_strategies(register):
-            register(MergeStrategy("mean", Mean, "average of the deltas",
+            register(MergeStrategy("mean", Mean, "weighted average of the deltas",
                                    options=[Option("gain", float, 1.0, "scale of the result")]))
     """
 

@@ -51,6 +51,9 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("trainer method", "dora"): "clara-plugin-dora",
     ("engine", "transformers"): "clara-plugin-transformers",
     ("engine", "vllm"): "clara-plugin-vllm",
+    ("merge strategy", "additive"): "clara-plugin-merge",
+    ("merge strategy", "weighted"): "clara-plugin-merge",
+    ("merge strategy", "sequential"): "clara-plugin-merge",
 }
 
 R = TypeVar("R", bound=Registration)

@@ -401,11 +401,13 @@ class TrainerMethodImpl(abc.ABC):
 
 @attrs.define
 class ModuleDelta:
-    """One component adapter's contribution to one module of the base.
+    """One component adapter's contribution to one module of the base, with the user's weight for it.
 
-    The LoRA delta is ``scaling * lora_B @ lora_A`` (``scaling`` is alpha/r, or alpha/sqrt(r) for rsLoRA).
-    For DoRA ``magnitude`` holds the learned magnitude vector and the effective weight is
-    ``magnitude * (W + delta) / ||W + delta||`` (row norms), so a dense ``base_weight`` is needed.
+    The LoRA delta is ``scaling * lora_B @ lora_A`` (``scaling`` is alpha/r, or alpha/sqrt(r) for rsLoRA, with
+    the adapter's ``rank_pattern``/``alpha_pattern`` already applied). For DoRA ``magnitude`` holds the learned
+    magnitude vector and the effective weight is ``magnitude * (W + delta) / ||W + delta||`` (row norms), so
+    the delta depends on the weight it is applied to: :meth:`dense` needs it. ``weight`` is the user's weight
+    for this component (``--weights``; 1.0 where none were given).
     """
 
     adapter_id: str
@@ -413,31 +415,70 @@ class ModuleDelta:
     lora_B: Any  # torch.Tensor [out, r]
     scaling: float
     magnitude: Any = None  # torch.Tensor [out] for DoRA, else None
+    weight: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def dense(self, base_weight: Any = None) -> Any:
+        """The unweighted dense weight delta ``[out, in]`` this component adds to ``base_weight``.
+
+        LoRA: ``scaling * B @ A`` (``base_weight`` unused). DoRA: ``m * (W + s B A) / ||W + s B A|| - W`` with
+        ``W = base_weight`` (required), the row norms taken as PEFT does.
+        """
+        delta = self.scaling * (self.lora_B @ self.lora_A)
+        if self.magnitude is None:
+            return delta
+        if base_weight is None:
+            raise ValueError(f"the DoRA delta of '{self.adapter_id}' needs the base weight it is applied to")
+        combined = base_weight + delta
+        norm = combined.norm(p=2, dim=1, keepdim=True)
+        return (self.magnitude.reshape(-1, 1) / norm) * combined - base_weight
 
 
 @attrs.define
 class MergedModule:
-    """A strategy's answer for one module: either low-rank factors or a dense weight delta.
+    """A strategy's answer for one module: low-rank factors, or a dense weight delta.
 
-    With factors, the composite stores ``lora_A``/``lora_B`` at scaling 1 (exact, rank = rows of ``lora_A``).
-    With ``dense_delta``, clara compresses it by truncated SVD to the requested rank and records the error.
+    With ``lora_A``/``lora_B`` the composite stores them at scaling 1, exactly (rank = rows of ``lora_A``;
+    ``clara composite build --rank R`` may still compress them by truncated SVD). With ``dense_delta``, clara
+    compresses it by truncated SVD to the chosen rank and records the relative error. With ``magnitude`` the
+    result is DoRA-shaped: the merged weight is ``magnitude * (W + delta) / ||W + delta||`` (row norms) with
+    ``delta`` the factors' product or ``dense_delta``; clara stores the exact difference to ``W`` by SVD.
     """
 
     lora_A: Any = None
     lora_B: Any = None
     dense_delta: Any = None
+    magnitude: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        has_factors = self.lora_A is not None or self.lora_B is not None
+        if has_factors == (self.dense_delta is not None):
+            raise ValueError("a MergedModule holds either lora_A and lora_B, or dense_delta")
+        if has_factors and (self.lora_A is None or self.lora_B is None):
+            raise ValueError("a MergedModule with factors needs both lora_A and lora_B")
 
 
 @attrs.frozen(kw_only=True)
 class MergeCheckRequest:
     """What :meth:`MergeStrategyImpl.check` gets before any tensor is read.
 
-    ``weights``: the user's weight per component, in the components' order; ``options``: the strategy's own
-    declared options by name, defaults filled in. New fields get defaults (see the module docstring).
+    ``adapter_ids`` and ``weights``: the components and the user's weight for each, in the order given
+    (``weights`` is ``None`` where the user gave no ``--weights``); ``options``: the strategy's own declared
+    options by name, defaults filled in; ``seed``: for randomised strategies. New fields get defaults (see the
+    module docstring).
     """
 
-    weights: Sequence[float]
+    weights: Sequence[float] | None
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    adapter_ids: Sequence[str] = ()
+    seed: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -445,17 +486,24 @@ class ModuleMergeRequest:
     """What :meth:`MergeStrategyImpl.merge_module` gets for one target module of the base.
 
     ``module``: the module's name in the base (``model.layers.0.self_attn.q_proj``); ``deltas``: each
-    component's :class:`ModuleDelta` that touches the module (the union of the components' modules is
-    covered); ``weights``: the user's weights in the same order as ``deltas``; ``base_weight``: the module's
-    dense base weight (needed for DoRA and for sequential application; ``None`` where the core did not load
-    it); ``options``: the strategy's own declared options by name. New fields get defaults.
+    component's :class:`ModuleDelta` that touches the module, in the components' order, each with its weight
+    (the union of the components' modules is covered: a module only one component touches gets one delta);
+    ``base_weight``: the module's dense base weight ``[out, in]``, loaded only where the strategy sets
+    :attr:`MergeStrategyImpl.needs_base_weight` or a delta is DoRA (else ``None``); ``options``: the strategy's
+    own declared options by name; ``seed``: a seed for randomised strategies, derived from ``--seed`` and the
+    module name (so the result does not depend on the order modules are visited). New fields get defaults.
     """
 
     module: str
     deltas: Sequence[ModuleDelta]
-    weights: Sequence[float]
     base_weight: Any = None
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    seed: int = 0
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The components' weights, in the order of :attr:`deltas`."""
+        return tuple(d.weight for d in self.deltas)
 
 
 class MergeStrategyImpl(abc.ABC):
@@ -467,6 +515,11 @@ class MergeStrategyImpl(abc.ABC):
 
     #: True where the order of the components changes the result (``sequential``).
     order_sensitive: bool = False
+    #: True where :meth:`merge_module` needs ``request.base_weight`` for every module (it costs reading the
+    #: base's weights); DoRA components get it regardless.
+    needs_base_weight: bool = False
+    #: True where the strategy uses the user's ``--weights`` (``weighted``); ``additive`` refuses them.
+    takes_weights: bool = True
 
     def check(self, request: MergeCheckRequest) -> None:  # noqa: B027 - optional hook with a sensible default
         """Refuse unusable weights or options before any tensor is read (raise a ``ClaraError``)."""

@@ -379,12 +379,12 @@ def test_example_register_merge_strategies_runs(tmp_path):
     strategy = manager.merge_strategy("mean")
     assert strategy.options[0].name == "gain"
     impl = strategy.create()
-    a = ModuleDelta("a", lora_A=torch.ones(2, 3), lora_B=torch.ones(4, 2), scaling=1.0)
+    a = ModuleDelta("a", lora_A=torch.ones(2, 3), lora_B=torch.ones(4, 2), scaling=1.0, weight=1.5)
     b = ModuleDelta("b", lora_A=torch.zeros(2, 3), lora_B=torch.ones(4, 2), scaling=1.0)
-    merged = impl.merge_module(
-        ModuleMergeRequest(module="q_proj", deltas=[a, b], weights=[1.0, 1.0], options={"gain": 2.0})
-    )
-    assert torch.equal(merged.dense_delta, torch.full((4, 3), 2.0))  # mean of 2 and 0, times 2
+    request = ModuleMergeRequest(module="q_proj", deltas=[a, b], options={"gain": 2.0})
+    assert request.weights == (1.5, 1.0)
+    merged = impl.merge_module(request)
+    assert torch.equal(merged.dense_delta, torch.full((4, 3), 3.0))  # mean of 1.5*2 and 0, times 2
 
 
 def test_example_register_engines_runs(tmp_path, monkeypatch):
