@@ -221,7 +221,7 @@ def test_dora_composite_is_within_the_recorded_error_and_printed(ws, made, tiny_
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "relative error    max" in result.stdout
-    shown = json.loads(run(ws, "composite", "show", "dora.verfahren-weighted-r12-v1", "--json").stdout)
+    shown = json.loads(run(ws, "composite", "show", "dora_verfahren-weighted-r12-v1", "--json").stdout)
     recorded = shown["composite"]["relative_errors"]
     expected = exact_sum(tiny_base_dir, made, {"dora": 0.5, "verfahren": 0.5})
     got = component_deltas(tiny_base_dir, ws.root / shown["path"])
@@ -389,3 +389,33 @@ def test_a_failure_while_registering_leaves_no_folder_and_no_row(ws, monkeypatch
     assert result.exit_code != 0
     assert snapshot(ws) == before
     assert not any(ws.tmp_dir.iterdir()) if ws.tmp_dir.exists() else True
+
+
+# -- serving: the transformers engine serves a composite mixed into a batch with its components -----------------
+
+
+def test_the_serving_engine_serves_a_composite_in_a_batch_with_its_components(ws):
+    import concurrent.futures
+
+    import httpx
+
+    from clara_core.serving.runner import BackgroundServer, prepare
+    from clara_core.serving.state import ServeSettings
+
+    composite = build(ws, "--adapters", IDS["steuer"], IDS["dora"], "--weights", "0.6", "0.6")["id"]
+    adapters = [composite, IDS["steuer"], IDS["dora"]]
+    settings = ServeSettings(max_loaded=4, max_queue=64)
+    state = prepare(ws, PluginManager(), engine_name="transformers", base_name="tiny", settings=settings)
+
+    def generate(client: httpx.Client, adapter: str) -> str:
+        body = {"prompt": "Das Finanzamt setzt", "max_tokens": 8, "adapter_id": adapter, "temperature": 0}
+        response = client.post("/generate", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["text"]
+
+    with BackgroundServer(state) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        alone = {a: generate(client, a) for a in adapters}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            mixed = list(pool.map(lambda a: (a, generate(client, a)), adapters * 2))
+    assert all(text == alone[a] for a, text in mixed)
+    assert alone[composite] not in (alone[IDS["steuer"]], alone[IDS["dora"]])

@@ -120,7 +120,10 @@ def composite() -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder to put the composite's folder in (default: models/composites/).",
 )
-@click.option("--name", help="Domain name of the composite in its id (default: the components' domains).")
+@click.option(
+    "--name",
+    help="Domain name of the composite in its id (default: the components' domains joined with '_').",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the registered entry and its errors as JSON.")
 @click.pass_context
 def build(ctx: click.Context, **values: Any) -> None:

@@ -41,7 +41,7 @@ class CompositeRequest:
     rank: int | None = None
     #: Parent folder of the composite's folder (default: the workspace's models/composites/).
     out: Path | None = None
-    #: The composite's domain name in its id (default: the components' domains).
+    #: The composite's domain name in its id (default: the components' domains joined with '_').
     name: str | None = None
     seed: int = 0
 
@@ -278,11 +278,9 @@ def build_composite(
             duplicate = registry.find_by_checksum(checksum, base.base_model_hash)
             if duplicate is not None:
                 return CompositeResult(duplicate, True, *_recorded(duplicate))
-            domains = (
-                [request.name]
-                if request.name
-                else list(dict.fromkeys(d for r in components for d in r.domain))
-            )
+            # one domain joined with '_' (steuer_verfahren): an id with '.' is no valid PEFT adapter name,
+            # which the transformers engine uses; the components stay in the lineage
+            domains = [request.name or "_".join(dict.fromkeys(d for r in components for d in r.domain))[:64]]
             draft = AdapterDraft(
                 domain=domains,
                 method=registration.name,
