@@ -54,6 +54,9 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("merge strategy", "additive"): "clara-plugin-merge",
     ("merge strategy", "weighted"): "clara-plugin-merge",
     ("merge strategy", "sequential"): "clara-plugin-merge",
+    ("merge strategy", "ties"): "clara-plugin-merge-ties",
+    ("merge strategy", "dare_ties"): "clara-plugin-merge-ties",
+    ("merge strategy", "dare_linear"): "clara-plugin-merge-ties",
 }
 
 R = TypeVar("R", bound=Registration)

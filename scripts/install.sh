@@ -28,7 +28,7 @@ echo "Installing clara and its default plugins ..." >&2
   -e plugins/clara-plugin-merge
 if [ "$dev" = 1 ]; then
   echo "Installing test tools and optional plugins ..." >&2
-  "${pip[@]}" -e ".[dev]" -e plugins/clara-plugin-dora
+  "${pip[@]}" -e ".[dev]" -e plugins/clara-plugin-dora -e plugins/clara-plugin-merge-ties
   # vLLM needs CUDA and pins its own torch: install the plugin without pulling vllm; its tests skip visibly.
   "${pip[@]}" --no-deps -e plugins/clara-plugin-vllm
 fi

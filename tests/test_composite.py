@@ -419,3 +419,59 @@ def test_the_serving_engine_serves_a_composite_in_a_batch_with_its_components(ws
             mixed = list(pool.map(lambda a: (a, generate(client, a)), adapters * 2))
     assert all(text == alone[a] for a, text in mixed)
     assert alone[composite] not in (alone[IDS["steuer"]], alone[IDS["dora"]])
+
+
+# -- a third-party strategy plugin: clara-plugin-merge-ties ----------------------------------------------------
+
+
+def with_ties() -> PluginManager:
+    plugins = manager()
+    plugins.register(
+        plugin_module("clara-plugin-merge-ties", "clara_plugin_merge_ties"),
+        name="merge_ties",
+        distribution="clara-plugin-merge-ties",
+    )
+    return plugins
+
+
+def test_strategy_flags_appear_only_with_the_plugin_and_reach_the_strategy(ws, made, tiny_base_dir):
+    assert "--density" not in run(ws, "composite", "build", "--help").stdout
+    helped = run(ws, "composite", "build", "--help", plugins=with_ties()).stdout
+    assert (
+        "--density" in helped and "--majority-sign" in helped and "[dare_linear, dare_ties, ties]" in helped
+    )
+
+    args = ["--adapters", IDS["steuer"], IDS["umwelt"], "--strategy", "ties", "--weights", "1", "0.5"]
+    entry = build(ws, *args, "--density", "0.3", "--majority-sign", "frequency", plugins=with_ties())
+    shown = json.loads(run(ws, "composite", "show", entry["id"], "--json").stdout)
+    assert shown["composite"]["options"] == {"density": 0.3, "majority_sign": "frequency"}
+    assert shown["lineage"][0]["options"] == {"density": 0.3, "majority_sign": "frequency"}
+    # the stored composite is the TIES of the components' deltas within the recorded error
+    ties = plugin_module("clara-plugin-merge-ties", "clara_plugin_merge_ties").ties
+    steuer = component_deltas(tiny_base_dir, made["steuer"])
+    umwelt = component_deltas(tiny_base_dir, made["umwelt"])
+    got = component_deltas(tiny_base_dir, ws.root / entry["path"])
+    recorded = shown["composite"]["relative_errors"]
+    for module in steuer:
+        parts = [(steuer[module], 1.0)] + ([(umwelt[module], 0.5)] if module in umwelt else [])
+        want = ties([p for p, _ in parts], [w for _, w in parts], 0.3, "frequency")
+        error = float((got[module] - want).norm() / want.norm())
+        assert error == pytest.approx(recorded[module], abs=1e-5), module
+
+    refused = run(
+        ws, "composite", "build", *args[:-3], "--weights", "1", "1", "--density", "0.3", plugins=with_ties()
+    )
+    assert refused.exit_code != 0 and "--density is not an option of strategy 'weighted'" in refused.output
+    bad = run(ws, "composite", "build", *args, "--density", "1.5", plugins=with_ties())
+    assert bad.exit_code != 0 and "--density must be above 0 and at most 1" in bad.output
+    sign = run(ws, "composite", "build", *args, "--majority-sign", "most", plugins=with_ties())
+    assert sign.exit_code != 0 and "total or frequency" in sign.output
+
+
+def test_dare_seed_makes_the_drop_reproducible(ws):
+    args = ["--adapters", IDS["steuer"], IDS["umwelt"], "--strategy", "dare_linear", "--density", "0.5"]
+    one = build(ws, *args, "--seed", "1", plugins=with_ties())
+    again = run(ws, "composite", "build", *args, "--seed", "1", plugins=with_ties())
+    assert "exists already" in again.stdout
+    two = build(ws, *args, "--seed", "2", plugins=with_ties())
+    assert one["adapter_checksum"] != two["adapter_checksum"]
