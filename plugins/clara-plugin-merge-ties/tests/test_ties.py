@@ -14,7 +14,11 @@ from clara_core.plugins import PluginManager
 def row(values: list[float], weight: float = 1.0) -> ModuleDelta:
     """A rank-1 delta equal to the 1 x n row ``values`` (B = [[1]], A = values, scaling 1)."""
     return ModuleDelta(
-        "x", lora_A=torch.tensor([values], dtype=torch.float32), lora_B=torch.ones(1, 1), scaling=1.0, weight=weight
+        "x",
+        lora_A=torch.tensor([values], dtype=torch.float32),
+        lora_B=torch.ones(1, 1),
+        scaling=1.0,
+        weight=weight,
     )
 
 
