@@ -458,9 +458,8 @@ def test_strategy_flags_appear_only_with_the_plugin_and_reach_the_strategy(ws, m
         error = float((got[module] - want).norm() / want.norm())
         assert error == pytest.approx(recorded[module], abs=1e-5), module
 
-    refused = run(
-        ws, "composite", "build", *args[:-3], "--weights", "1", "1", "--density", "0.3", plugins=with_ties()
-    )
+    weighted = [*args[:3], "--weights", "1", "1", "--density", "0.3"]
+    refused = run(ws, "composite", "build", *weighted, plugins=with_ties())
     assert refused.exit_code != 0 and "--density is not an option of strategy 'weighted'" in refused.output
     bad = run(ws, "composite", "build", *args, "--density", "1.5", plugins=with_ties())
     assert bad.exit_code != 0 and "--density must be above 0 and at most 1" in bad.output
