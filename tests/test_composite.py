@@ -377,18 +377,55 @@ def test_an_existing_out_folder_is_refused(ws, tmp_path):
     assert snapshot(ws) == before
 
 
-def test_a_failure_while_registering_leaves_no_folder_and_no_row(ws, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError("disk gone"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+@pytest.mark.parametrize("where", ["merge_module", "add_lineage"])
+def test_a_failure_or_ctrl_c_midway_leaves_no_folder_and_no_row(ws, monkeypatch, error, where):
     from clara_core.registry import Registry
 
-    def broken(self, *args, **kwargs):
-        raise RuntimeError("disk gone")
+    def broken(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(Registry, "add_lineage", broken)
+    if where == "add_lineage":  # after the folder was renamed into place and its row inserted
+        monkeypatch.setattr(Registry, "add_lineage", broken)
+    else:  # halfway through the modules
+        strategy = plugin_module("clara-plugin-merge", "clara_plugin_merge").Weighted
+        calls = {"n": 0}
+        original = strategy.merge_module
+
+        def halfway(self, request):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise error
+            return original(self, request)
+
+        monkeypatch.setattr(strategy, "merge_module", halfway)
     before = snapshot(ws)
     result = run(ws, "composite", "build", "--adapters", IDS["steuer"], IDS["umwelt"], "--weights", "1", "1")
     assert result.exit_code != 0
     assert snapshot(ws) == before
-    assert not any(ws.tmp_dir.iterdir()) if ws.tmp_dir.exists() else True
+    assert not ws.tmp_dir.exists() or not [p for p in ws.tmp_dir.iterdir() if p.name.startswith("composite")]
+
+
+def test_name_sets_the_domain_of_the_id_and_the_folder(ws):
+    entry = build(
+        ws, "--adapters", IDS["steuer"], IDS["umwelt"], "--weights", "1", "1", "--name", "Steuer-Umwelt"
+    )
+    assert entry["id"] == "steuer_umwelt-weighted-r10-v1"
+    assert entry["path"].endswith("_steuer_umwelt")
+    bad = run(
+        ws,
+        "composite",
+        "build",
+        "--adapters",
+        IDS["steuer"],
+        IDS["umwelt"],
+        "--weights",
+        "1",
+        "1",
+        "--name",
+        "a/b",
+    )
+    assert bad.exit_code != 0 and "invalid domain" in bad.output
 
 
 # -- serving: the transformers engine serves a composite mixed into a batch with its components -----------------
