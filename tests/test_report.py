@@ -14,7 +14,7 @@ from click.testing import Result
 from clara_core import hashing
 from clara_core.registry import AdapterDraft, Registry
 from clara_core.reporting.collect import percentile
-from clara_core.serving.requestlog import RequestRecord
+from clara_core.serving.requestlog import JsonlRequestLog, RequestRecord
 from clara_core.workspace import Workspace
 
 T0 = dt.datetime(2026, 11, 20, 10, 0, tzinfo=dt.UTC).timestamp()
@@ -69,9 +69,13 @@ OLD_RECORDS = [rec(SOZIAL, 5.0, ts=OLD), rec(STEUER_V1, 7.0, ts=OLD + 1, status=
 
 
 def write_log(ws: Workspace, records: list[dict], name: str = "requests.jsonl", extra: bytes = b"") -> Path:
+    """The lines the server's own request log writes for ``records``, then ``extra`` bytes as they are."""
     path = ws.metadata_dir / "logs" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + extra)
+    log = JsonlRequestLog(path)
+    for record in records:
+        log.record(RequestRecord(**record))
+    with open(path, "ab") as handle:
+        handle.write(extra)
     return path
 
 

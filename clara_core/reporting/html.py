@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 #: The most metric trend plots drawn (one per metric name); the table lists them all.
 MAX_TREND_PLOTS = 12
+#: The most adapters drawn in a per-adapter plot (those with the most requests); the table lists them all.
+MAX_BARS = 15
 _COLOURS = ("#2f6db5", "#e0862b", "#3a9a5b", "#c8453a", "#7d5bb5", "#8a6a4f", "#d36fb0", "#6f6f6f")
 
 _CSS = """
@@ -103,8 +105,13 @@ def _plot_timeline(serving: dict[str, Any]) -> str | None:
     return _plot_block(fig, f"Requests and errors per {bucket}", "timeline")
 
 
+def _top(serving: dict[str, Any]) -> str:
+    n = len(serving["per_adapter"])
+    return f" (top {MAX_BARS} of {n} by requests)" if n > MAX_BARS else ""
+
+
 def _plot_latency(serving: dict[str, Any]) -> str | None:
-    rows = [u for u in serving["per_adapter"] if u["latency_seconds"]["count"]]
+    rows = [u for u in serving["per_adapter"] if u["latency_seconds"]["count"]][:MAX_BARS]
     if not rows:
         return None
     fig = _figure()
@@ -115,13 +122,13 @@ def _plot_latency(serving: dict[str, Any]) -> str | None:
         ax.bar(xs, [u["latency_seconds"][q] * 1000 for u in rows], width, label=q, color=_COLOURS[i])
     ax.set_xticks(range(len(rows)), [_short(u["adapter"]) for u in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("latency (ms)")
-    ax.set_title("Latency of successful requests by adapter")
+    ax.set_title("Latency of successful requests by adapter" + _top(serving))
     ax.legend(fontsize=8)
     return _plot_block(fig, "Latency percentiles per adapter", "latency")
 
 
 def _plot_tokens(serving: dict[str, Any]) -> str | None:
-    rows = serving["per_adapter"]
+    rows = serving["per_adapter"][:MAX_BARS]
     if not rows or not any(u["total_tokens"] for u in rows):
         return None
     fig = _figure()
@@ -132,7 +139,7 @@ def _plot_tokens(serving: dict[str, Any]) -> str | None:
     ax.bar(xs, [u["completion_tokens"] for u in rows], bottom=prompt, color=_COLOURS[1], label="completion")
     ax.set_xticks(list(xs), [_short(u["adapter"]) for u in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("tokens")
-    ax.set_title("Tokens by adapter")
+    ax.set_title("Tokens by adapter" + _top(serving))
     ax.legend(fontsize=8)
     return _plot_block(fig, "Prompt and completion tokens per adapter", "tokens")
 
@@ -140,6 +147,9 @@ def _plot_tokens(serving: dict[str, Any]) -> str | None:
 def _plot_counts(mapping: dict[str, int], title: str, name: str, colour: str) -> str | None:
     if not mapping:
         return None
+    if len(mapping) > MAX_BARS:
+        title += f" (top {MAX_BARS} of {len(mapping)})"
+        mapping = dict(list(mapping.items())[:MAX_BARS])
     fig = _figure(6.4, max(2.0, 0.45 * len(mapping) + 1.2))
     ax = fig.add_subplot()
     labels = list(mapping)[::-1]
