@@ -20,6 +20,7 @@ from clara_core.workspace import Workspace
 T0 = dt.datetime(2026, 11, 20, 10, 0, tzinfo=dt.UTC).timestamp()
 OLD = dt.datetime(2026, 11, 5, 9, 0, tzinfo=dt.UTC).timestamp()
 STEUER_V1, STEUER_V2, SOZIAL = "steuer-lora-r4-v1", "steuer-lora-r4-v2", "sozial-lora-r4-v1"
+SET_A, SET_B = "aa" * 32, "bb" * 32
 
 
 def register(registry: Registry, ws: Workspace, folder: Path, domain: str) -> str:
@@ -34,15 +35,17 @@ def register(registry: Registry, ws: Workspace, folder: Path, domain: str) -> st
 
 @pytest.fixture
 def ws(workspace_with_base: Workspace, fake_adapter: Callable[..., Path]) -> Workspace:
-    """steuer v1 and v2 and sozial v1 with metrics: ppl_dev 9 -> 8 (better), qa_f1 0.4 -> 0.3 (worse)."""
+    """steuer v1 and v2 and sozial v1 with metrics: ppl_dev 9 -> 8 (better, same eval set), qa_f1 0.4 -> 0.3
+    (worse, on another eval set)."""
     ws = workspace_with_base
     with Registry.open(ws.registry_path) as registry:
         assert register(registry, ws, fake_adapter(seed=1), "steuer") == STEUER_V1
         assert register(registry, ws, fake_adapter(seed=2), "steuer") == STEUER_V2
         assert register(registry, ws, fake_adapter(seed=3), "sozial") == SOZIAL
-        registry.add_metrics(STEUER_V1, {"ppl_dev": 9.0, "qa_f1": 0.4}, eval_set="dev", run_id="r1")
-        registry.add_metrics(STEUER_V2, {"ppl_dev": 8.0, "qa_f1": 0.3}, eval_set="dev", run_id="r2")
-        registry.add_metrics(SOZIAL, {"ppl_dev": 12.0}, eval_set="dev", run_id="r3")
+        registry.add_metrics(STEUER_V1, {"ppl_dev": 9.0, "qa_f1": 0.4}, eval_set_sha256=SET_A, run_id="r1")
+        registry.add_metrics(STEUER_V2, {"ppl_dev": 8.0}, eval_set="dev", eval_set_sha256=SET_A, run_id="r2")
+        registry.add_metrics(STEUER_V2, {"qa_f1": 0.3}, eval_set="qa", eval_set_sha256=SET_B, run_id="r3")
+        registry.add_metrics(SOZIAL, {"ppl_dev": 12.0}, eval_set="dev", run_id="r4")
     return ws
 
 
@@ -107,13 +110,20 @@ def test_registry_metrics_and_trend_over_versions(ws: Workspace, run_cli) -> Non
     assert [(p["version"], p["value"]) for p in ppl["points"]] == [(1, 9.0), (2, 8.0)]
     assert ppl["better"] == "lower" and ppl["status"] == "improved"
     assert ppl["change"] == -1.0 and ppl["relative_change"] == pytest.approx(-1 / 9)
+    assert ppl["same_eval_set"] is True and ppl["points"][1]["eval_set"] == "dev"
     f1 = trends[("steuer", "qa_f1")]
     assert f1["better"] == "higher" and f1["status"] == "worse"
     assert f1["previous"] == 0.4 and f1["last"] == 0.3 and f1["relative_change"] == pytest.approx(-0.25)
+    assert f1["same_eval_set"] is False and [p["eval_set_sha256"] for p in f1["points"]] == [SET_A, SET_B]
     assert trends[("sozial", "ppl_dev")]["status"] == "single"
     latest = {m["id"]: m["metrics"] for m in report["metrics"]["latest"]}
     assert latest[STEUER_V2] == {"ppl_dev": 8.0, "qa_f1": 0.3}
-    assert report["metrics"]["history"]["values"] == 5 and report["metrics"]["history"]["runs"] == 3
+    assert report["metrics"]["history"]["values"] == 5 and report["metrics"]["history"]["runs"] == 4
+    text = run_cli("report").stdout
+    rows = [line.split() for line in text.splitlines() if line.startswith(STEUER_V2)]
+    worse = ["-0.1", "(-25.0%)", "worse", "(other", "eval", "set)"]
+    assert [STEUER_V2, "qa_f1", "0.3", "0.4", *worse, "higher", "2"] in rows
+    assert [STEUER_V2, "ppl_dev", "8", "9", "-1", "(-11.1%)", "improved", "lower", "2"] in rows
 
 
 def test_serving_numbers_match_a_hand_computation(ws: Workspace, run_cli) -> None:

@@ -180,6 +180,8 @@ def _trend(metric: str, points: list[dict[str, Any]]) -> dict[str, Any]:
         "change": None,
         "relative_change": None,
         "status": "single",
+        #: whether the last two values were measured on the same eval set (sha256); None where unknown
+        "same_eval_set": None,
     }
     if len(points) > 1:
         previous = points[-2]["value"]
@@ -189,6 +191,9 @@ def _trend(metric: str, points: list[dict[str, Any]]) -> dict[str, Any]:
             change=change,
             relative_change=(change / abs(previous)) if previous else None,
         )
+        shas = points[-2]["eval_set_sha256"], points[-1]["eval_set_sha256"]
+        if all(shas):
+            trend["same_eval_set"] = shas[0] == shas[1]
         if change == 0:
             trend["status"] = "same"
         else:
@@ -210,6 +215,19 @@ def metrics_section(
         for a in adapters
         if any(_is_number(v) for v in a.metrics.values())
     ]
+    evaluations = 0
+    runs: set[str] = set()
+    last: str | None = None
+    #: (adapter id, metric) -> the history row of its latest value: which eval set, when
+    latest_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in adapters:
+        for row in registry.metrics_history(record.id):
+            latest_rows[(record.id, row["name"])] = row
+            if not _created_after(row.get("created"), since):
+                continue
+            evaluations += 1
+            runs.add(row.get("run_id") or f"{record.id}@{row.get('created')}")
+            last = max(last or "", row.get("created") or "") or None
     groups: dict[tuple[str, str], list[AdapterRecord]] = {}
     for record in adapters:
         groups.setdefault((_domain_label(record), record.method), []).append(record)
@@ -218,24 +236,29 @@ def metrics_section(
         members.sort(key=lambda a: (a.version, a.created, a.id))
         names = sorted({k for a in members for k, v in a.metrics.items() if _is_number(v)})
         for name in names:
-            points = [
-                {"adapter_id": a.id, "version": a.version, "rank": a.rank, "value": float(a.metrics[name])}
-                for a in members
-                if _is_number(a.metrics.get(name))
-            ]
+            points = []
+            for a in members:
+                if not _is_number(a.metrics.get(name)):
+                    continue
+                value = float(a.metrics[name])
+                found = latest_rows.get((a.id, name))
+                source = (
+                    found if found is not None and found["value"] == value else None
+                )  # the latest value did not come through the history (recorded at registration)
+                points.append(
+                    {
+                        "adapter_id": a.id,
+                        "version": a.version,
+                        "rank": a.rank,
+                        "value": value,
+                        "eval_set": source["eval_set"] if source else None,
+                        "eval_set_sha256": source["eval_set_sha256"] if source else None,
+                        "evaluated": source["created"] if source else None,
+                    }
+                )
             trends.append(
                 {"domain": domain, "method": method, "metric": name, "points": points, **_trend(name, points)}
             )
-    evaluations = 0
-    runs: set[str] = set()
-    last: str | None = None
-    for record in adapters:
-        for row in registry.metrics_history(record.id):
-            if not _created_after(row.get("created"), since):
-                continue
-            evaluations += 1
-            runs.add(row.get("run_id") or f"{record.id}@{row.get('created')}")
-            last = max(last or "", row.get("created") or "") or None
     return {
         "latest": latest,
         "trends": trends,

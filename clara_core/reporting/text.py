@@ -30,7 +30,8 @@ def fmt_change(trend: dict[str, Any]) -> str:
     text = f"{trend['change']:+.4g}"
     if rel is not None:
         text += f" ({rel:+.1%})"
-    return f"{text} {trend['status']}"
+    other = " (other eval set)" if trend.get("same_eval_set") is False else ""
+    return f"{text} {trend['status']}{other}"
 
 
 def counts(mapping: dict[str, int]) -> str:
