@@ -249,6 +249,8 @@ def test_json_files_go_to_metadata_reports_by_default_and_where_asked(
     assert result.exit_code == 0, result.output
     assert json.loads(target.read_text())["since"] == "2026-11-20T00:00:00Z"
     assert not list(target.parent.glob(".*partial"))
+    (ws.metadata_dir / "reports" / "20261120T100000Z-eval.json").write_text("{}")
+    assert report_json(run_cli)["eval_reports"] == ["metadata/reports/20261120T100000Z-eval.json"]
     folder = run_cli("report", "--json", str(tmp_path))
     assert folder.exit_code == 1 and "is a folder" in folder.stderr
 
