@@ -280,3 +280,37 @@ def test_report_help_and_cli_help_stay_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "--since DATE" in out and "--html" in out and "metadata/reports/" in out
     assert "HEAVY []" in out
+
+
+@pytest.mark.slow
+def test_report_reads_what_a_real_server_logged(ws: Workspace, run_cli) -> None:
+    """A real server (transformers engine, tiny model) writes the log; the report counts what was asked."""
+    import httpx
+
+    from clara_core.plugins import PluginManager
+    from clara_core.serving.runner import BackgroundServer, prepare
+    from clara_core.serving.state import ServeSettings
+
+    log = JsonlRequestLog(ws.metadata_dir / "logs" / "requests.jsonl")
+    state = prepare(
+        ws, PluginManager(), engine_name="transformers", base_name="tiny", settings=ServeSettings(),
+        observers=[log],
+    )  # fmt: skip
+    completion = 0
+    with BackgroundServer(state) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        for prompt, adapter in [("Das Finanzamt", STEUER_V2), ("Der Bescheid", STEUER_V2), ("Die", "tiny")]:
+            answer = client.post("/generate", json={"prompt": prompt, "adapter_id": adapter, "max_tokens": 4})
+            assert answer.status_code == 200, answer.text
+            completion += answer.json()["usage"]["completion_tokens"]
+        assert (
+            client.post("/generate", json={"prompt": "x", "adapter_id": "nicht-da-r1-v1"}).status_code == 404
+        )
+    serving = report_json(run_cli)["serving"]
+    assert serving["malformed"]["total"] == 0
+    totals = serving["totals"]
+    assert (totals["requests"], totals["errors"], totals["error_codes"]) == (4, 1, {"not_found": 1})
+    assert totals["completion_tokens"] == completion and totals["latency_seconds"]["count"] == 3
+    per = {u["adapter"]: u for u in serving["per_adapter"]}
+    assert per[STEUER_V2]["requests"] == 2 and per[STEUER_V2]["errors"] == 0
+    assert per["(base)"]["requests"] == 1
+    assert serving["routing"]["by_selection"] == {"named": 3, "none": 1}
