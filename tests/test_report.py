@@ -215,24 +215,27 @@ def test_malformed_lines_are_skipped_and_counted_per_file(ws: Workspace, run_cli
         + b'{"request_id": "x", "endpo'  # a line cut short by a crash
     )  # fmt: skip
     write_log(ws, good, extra=extra)
-    write_log(ws, RECORDS[3:5], name="requests.jsonl.1", extra=b"{}\n")
+    too_long = b'{"request_id": "' + b"x" * (1 << 20) + b'"}\n'  # over 1 MiB: read past, never whole
+    write_log(
+        ws, RECORDS[3:5], name="requests.jsonl.1", extra=b"{}\n" + too_long + json.dumps(RECORDS[5]).encode()
+    )
     result = run_cli("report", "--json", "-")
     assert result.exit_code == 0, result.output
     serving = json.loads(result.stdout)["serving"]
-    assert serving["totals"]["requests"] == 5
-    assert serving["malformed"]["total"] == 8
+    assert serving["totals"]["requests"] == 6  # the last line of requests.jsonl.1 counts, without its newline
+    assert serving["malformed"]["total"] == 9
     files = {m["file"]: m for m in serving["malformed"]["files"]}
     assert files["metadata/logs/requests.jsonl"]["count"] == 7
     assert files["metadata/logs/requests.jsonl"]["first_lines"] == [4, 6, 7, 8, 9]  # the first five
     assert files["metadata/logs/requests.jsonl.1"] == {
-        "file": "metadata/logs/requests.jsonl.1", "count": 1, "first_lines": [3],
+        "file": "metadata/logs/requests.jsonl.1", "count": 2, "first_lines": [3, 4],
     }  # fmt: skip
     text = run_cli("report")
     assert text.exit_code == 0
     assert (
         "skipped 7 malformed line(s) in metadata/logs/requests.jsonl (line 4, 6, 7, 8, 9, ...)" in text.stdout
     )
-    assert "skipped 1 malformed line(s) in metadata/logs/requests.jsonl.1 (line 3)" in text.stdout
+    assert "skipped 2 malformed line(s) in metadata/logs/requests.jsonl.1 (line 3, 4)" in text.stdout
 
 
 def test_json_files_go_to_metadata_reports_by_default_and_where_asked(

@@ -16,9 +16,9 @@ import json
 import math
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InvalidInput
 from ..records import AdapterRecord, utcnow
@@ -32,6 +32,8 @@ REPORT_FORMAT = "clara-report/1"
 PERCENTILES = (50, 95, 99)
 #: Metric names (substrings) for which a lower value is better; every other metric is better when higher.
 LOWER_IS_BETTER = ("ppl", "perplexity", "bpb", "bits_per_byte", "loss", "latency", "seconds")
+#: A request log line longer than this is malformed (a record is a few hundred bytes).
+MAX_LINE_BYTES = 1 << 20
 #: How many line numbers of malformed lines are named per file.
 MALFORMED_LINES_SHOWN = 5
 BASE_LABEL = "(base)"  # a request served by the base model (no adapter)
@@ -379,6 +381,21 @@ def log_files(log_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+def _lines(handle: BinaryIO) -> Iterator[bytes | None]:
+    """The lines of ``handle``, one at a time; None for a line longer than :data:`MAX_LINE_BYTES` (read past in
+    chunks, never held whole), which no request record is."""
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(MAX_LINE_BYTES)
+        yield None
+
+
 def serving_section(
     log_dir: Path, since: dt.datetime | None, *, shown_as: str | None = None
 ) -> dict[str, Any]:
@@ -417,12 +434,12 @@ def serving_section(
         lines = 0
         try:
             with open(path, "rb") as handle:
-                for lineno, raw in enumerate(handle, 1):
-                    if not raw.strip():
+                for lineno, raw in enumerate(_lines(handle), 1):
+                    if raw is not None and not raw.strip():
                         continue
                     lines += 1
                     try:
-                        rec = validate_record(json.loads(raw.decode("utf-8")))
+                        rec = None if raw is None else validate_record(json.loads(raw.decode("utf-8")))
                     except (UnicodeDecodeError, ValueError, RecursionError):
                         rec = None
                     if rec is None:
