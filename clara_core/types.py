@@ -286,8 +286,8 @@ class Registration:
         if not isinstance(impl, expected):
             raise PluginError(
                 f"{self.kind} '{self.name}' from {origin} is broken: its factory returned "
-                f"{type(impl).__module__}.{type(impl).__qualname__}, not a {expected.__name__} "
-                f"(clara_core.plugin_api.{expected.__name__}); report it to the plugin's authors"
+                f"{type(impl).__module__}.{type(impl).__qualname__}, not an instance of "
+                f"clara_core.plugin_api.{expected.__name__}; report it to the plugin's authors"
             )
         return impl
 
