@@ -81,6 +81,8 @@ class AdapterManager:
         self.loading: dict[str, str | None] = {}
         #: loaded adapters being unloaded on request (each still holds its slot)
         self.unloading: set[str] = set()
+        #: adapters evicted for a load, until the engine has unloaded them (not loadable again before)
+        self.evicting: set[str] = set()
         #: loaded adapter -> the waiting adapter that claimed its slot; it takes no new requests
         self.draining: dict[str, str] = {}
         self.waiters: deque[_Waiter] = deque()
@@ -115,6 +117,7 @@ class AdapterManager:
             "waiting": len(self.waiters),
             "waiting_by_adapter": by_adapter,
             "loading": list(self.loading),
+            "evicting": sorted(self.evicting),
             "draining": dict(self.draining),
             "queue_timeout": self.queue_timeout,
         }
@@ -214,7 +217,7 @@ class AdapterManager:
         draining: dict[str, str] = {}
         served: set[str] = set()  # loaded adapters whose waiters came before the current one
         for position, adapter_id in enumerate(order):
-            if adapter_id in self.loading or adapter_id in self.unloading:
+            if adapter_id in self.loading or adapter_id in self.unloading or adapter_id in self.evicting:
                 continue  # its waiters proceed when the load (or the unload, then a load) finishes
             if adapter_id in self.loaded:
                 if adapter_id not in claimed:
@@ -259,6 +262,7 @@ class AdapterManager:
         """Reserve a slot for ``adapter_id`` now (evicting idle ``victim`` from the books), load in a task."""
         if victim is not None:
             del self.loaded[victim]
+            self.evicting.add(victim)
         self.loading[adapter_id] = victim
         task = asyncio.get_running_loop().create_task(self._load_task(adapter_id, victim))
         self._tasks.add(task)
@@ -302,8 +306,11 @@ class AdapterManager:
             except BaseException:
                 self._restore(victim)
                 raise
+            self.evicting.discard(victim)
             self.metrics.evictions.labels(victim).inc()
             self.metrics.loaded.set(len(self.loaded))
+            if self.waiters:
+                self._pump()  # a request for the victim may wait for its unload to end
         await self.engine.load_adapter(record)
         elapsed = time.perf_counter() - started
         self.load_seconds[adapter_id] = elapsed
@@ -312,6 +319,8 @@ class AdapterManager:
         return record
 
     def _restore(self, victim: str | None) -> None:
+        if victim is not None:
+            self.evicting.discard(victim)
         if victim is not None and victim not in self.loaded:
             self.loaded[victim] = self.lookup(victim)
             self.loaded.move_to_end(victim, last=False)  # first in line for the next eviction
