@@ -42,7 +42,7 @@ from ..checks import check_adapter_for_base
 from ..errors import Conflict, NotFound
 from ..registry import AdapterRecord, BaseRecord
 from ..types import EngineImpl
-from .errors import AdapterInUse, QueueTimeout
+from .errors import AdapterChanged, AdapterInUse, QueueTimeout
 from .metrics import Metrics
 
 #: ``--queue-timeout`` default: seconds a request waits for an adapter slot before 503.
@@ -81,8 +81,9 @@ class AdapterManager:
         self.loading: dict[str, str | None] = {}
         #: loaded adapters being unloaded on request (each still holds its slot)
         self.unloading: set[str] = set()
-        #: adapters evicted for a load, until the engine has unloaded them (not loadable again before)
-        self.evicting: set[str] = set()
+        #: adapters evicted for a load, until the engine has unloaded them (not loadable again before), with
+        #: their records (put back if the load fails before the unload)
+        self.evicting: dict[str, AdapterRecord] = {}
         #: loaded adapter -> the waiting adapter that claimed its slot; it takes no new requests
         self.draining: dict[str, str] = {}
         self.waiters: deque[_Waiter] = deque()
@@ -152,7 +153,10 @@ class AdapterManager:
             self.metrics.queue_wait.labels(adapter_id).observe(0.0)
             return self._take(adapter_id), False
         if adapter_id not in self.loaded and adapter_id not in self.loading:
-            self.lookup(adapter_id)  # 404 for an unknown id before it waits
+            await asyncio.to_thread(self.lookup, adapter_id)  # 404 for an unknown id before it waits
+            if self.usable(adapter_id):  # loaded by another request meanwhile
+                self.metrics.queue_wait.labels(adapter_id).observe(0.0)
+                return self._take(adapter_id), False
         loop = asyncio.get_running_loop()
         waiter = _Waiter(adapter_id, loop.create_future(), time.perf_counter())
         self.waiters.append(waiter)
@@ -261,8 +265,7 @@ class AdapterManager:
     def _start_load(self, adapter_id: str, *, victim: str | None) -> None:
         """Reserve a slot for ``adapter_id`` now (evicting idle ``victim`` from the books), load in a task."""
         if victim is not None:
-            del self.loaded[victim]
-            self.evicting.add(victim)
+            self.evicting[victim] = self.loaded.pop(victim)  # put back if the load fails before the unload
         self.loading[adapter_id] = victim
         task = asyncio.get_running_loop().create_task(self._load_task(adapter_id, victim))
         self._tasks.add(task)
@@ -291,7 +294,7 @@ class AdapterManager:
         the victim is put back if it is still loaded in the engine."""
         started = time.perf_counter()
         try:
-            record = self.lookup(adapter_id)
+            record = await asyncio.to_thread(self.lookup, adapter_id)
             try:
                 await asyncio.to_thread(check_adapter_for_base, record, self.base)
             except Conflict:
@@ -306,7 +309,7 @@ class AdapterManager:
             except BaseException:
                 self._restore(victim)
                 raise
-            self.evicting.discard(victim)
+            self.evicting.pop(victim, None)
             self.metrics.evictions.labels(victim).inc()
             self.metrics.loaded.set(len(self.loaded))
             if self.waiters:
@@ -319,10 +322,8 @@ class AdapterManager:
         return record
 
     def _restore(self, victim: str | None) -> None:
-        if victim is not None:
-            self.evicting.discard(victim)
-        if victim is not None and victim not in self.loaded:
-            self.loaded[victim] = self.lookup(victim)
+        if victim is not None and victim in self.evicting:
+            self.loaded[victim] = self.evicting.pop(victim)
             self.loaded.move_to_end(victim, last=False)  # first in line for the next eviction
 
     # -- the API the server uses ---------------------------------------------------------------------------
@@ -330,6 +331,7 @@ class AdapterManager:
     async def load(self, adapter_id: str) -> tuple[AdapterRecord, bool]:
         """Load ``adapter_id`` if it is not loaded (waiting for a slot like any request); returns its record
         and whether it was loaded now."""
+        await self.current(adapter_id)
         if adapter_id in self.loaded:
             self._touch(adapter_id)
             return self.loaded[adapter_id], False
@@ -339,7 +341,7 @@ class AdapterManager:
 
     async def unload(self, adapter_id: str) -> None:
         if adapter_id not in self.loaded or adapter_id in self.unloading:
-            self.lookup(adapter_id)  # 404 for ids the registry does not know
+            await asyncio.to_thread(self.lookup, adapter_id)  # 404 for ids the registry does not know
             raise NotFound(f"adapter '{adapter_id}' is not loaded")
         busy = self.in_use.get(adapter_id, 0)
         if busy:
@@ -359,6 +361,34 @@ class AdapterManager:
         self.metrics.loaded.set(len(self.loaded))
         self._pump()
 
+    async def current(self, adapter_id: str) -> AdapterRecord:
+        """The registry's record of ``adapter_id``, read off the event loop, checked against what is loaded.
+
+        A loaded adapter whose row is gone (``clara adapters rm``) or now names other files (another checksum
+        or base) is unloaded, so that the next use loads what the registry says; while requests still run on
+        the old weights the new request gets 503 ``adapter_changed`` (retry shortly) instead of them.
+        """
+        try:
+            record = await asyncio.to_thread(self.lookup, adapter_id)
+        except NotFound:
+            await self._retire(adapter_id, "was removed from the registry")
+            raise
+        loaded = self.loaded.get(adapter_id)
+        if loaded is not None and _identity(loaded) != _identity(record):
+            await self._retire(adapter_id, "changed in the registry (other files under this id)")
+        return record
+
+    async def _retire(self, adapter_id: str, why: str) -> None:
+        if adapter_id not in self.loaded or adapter_id in self.unloading:
+            return
+        busy = self.in_use.get(adapter_id, 0)
+        if busy:
+            raise AdapterChanged(
+                f"adapter '{adapter_id}' {why} while {busy} request(s) still run on its old weights; "
+                "retry when they are done"
+            )
+        await self.unload(adapter_id)
+
     @asynccontextmanager
     async def use(self, adapter_id: str | None) -> AsyncIterator[AdapterRecord | None]:
         """Hold ``adapter_id`` loaded (waiting for a slot and hot-swapping it in if needed) for the duration
@@ -371,3 +401,8 @@ class AdapterManager:
             yield record
         finally:
             self._release(adapter_id)
+
+
+def _identity(record: AdapterRecord) -> tuple[str | None, str]:
+    """What makes two records of one id the same adapter: the files (checksum) and the base they fit."""
+    return record.adapter_checksum, record.base_model_hash
