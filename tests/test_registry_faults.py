@@ -387,9 +387,12 @@ def test_an_unmarked_leftover_is_removed_only_when_its_pid_is_gone_and_it_is_old
     for folder in (old_dead, old_alive):
         for path in [folder, *folder.rglob("*")]:
             os.utime(path, (day_ago, day_ago))
-    assert [leftover.path for leftover in workspace_with_base.staging_leftovers()] == [old_dead]
+    unnamed = tmp / "tmpabc123"  # no pid, recent: possibly being made right now, never reported
+    unnamed.mkdir()
+    leftovers = {leftover.path: leftover.removable for leftover in workspace_with_base.staging_leftovers()}
+    assert leftovers == {old_dead: True, fresh_dead: False}  # the fresh one is reported, not removed
     workspace_with_base.remove_abandoned_staging()
-    assert not old_dead.exists() and fresh_dead.exists() and old_alive.exists()
+    assert not old_dead.exists() and fresh_dead.exists() and old_alive.exists() and unnamed.exists()
 
 
 # -- 19 (and 18's full disk): a full disk ------------------------------------------------------------------------
