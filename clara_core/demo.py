@@ -310,7 +310,7 @@ def step_train(
                 f"4. Continuing the interrupted {method} training for {domain} from step {checkpoints[-1][0]} ..."
             )
         else:
-            echo(f"4. Training a {method} adapter for {domain} ({steps} steps) ...")
+            echo(f"4. Training a {method} adapter for {domain} ({steps} step{'s' if steps != 1 else ''}) ...")
         try:
             result = train_adapter(
                 config, state.workspace, plugins, echo=lambda line: echo("   " + line), show_progress=progress

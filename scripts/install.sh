@@ -21,7 +21,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install --disable-pip-version-check -q "${CLARA_TORCH:-torch==2.13.0}"
 fi
 echo "Installing clara and its default plugins ..." >&2
-"${pip[@]}" -e ".[ml,serve]" \
+"${pip[@]}" -e ".[ml,serve,plot]" \
   -e plugins/clara-plugin-lora \
   -e plugins/clara-plugin-qlora \
   -e plugins/clara-plugin-transformers \

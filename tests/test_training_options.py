@@ -167,3 +167,25 @@ def test_serve_engine_options_convert_through_option(
         assert result.exit_code == 1, result.output
         last = result.output.strip().splitlines()[-1]
         assert last.startswith("Error: ") and expected in last and "Traceback" not in result.output
+
+
+def test_click_option_converts_and_repeats() -> None:
+    import click
+    from click.testing import CliRunner
+
+    seen: dict = {}
+    layers = Option("layers", int, multiple=True, choices=(1, 2, 3), help="layers to adapt")
+    bits = Option("bits", int, 4, choices=(4, 8))
+
+    @click.command(params=[layers.click_option("layers"), bits.click_option("bits")])
+    def command(**values):
+        seen.update(values)
+
+    assert CliRunner().invoke(command, ["--layers", "1", "--layers", "3", "--bits", "8"]).exit_code == 0
+    assert seen == {"layers": (1, 3), "bits": 8}
+    assert layers.convert(["2", 3]) == [2, 3]
+    bad = CliRunner().invoke(command, ["--layers", "4"])
+    assert bad.exit_code == 2
+    assert (
+        bad.output.strip().splitlines()[-1] == "Error: Invalid value for '--layers': must be 1, 2 or 3, got 4"
+    )

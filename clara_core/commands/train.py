@@ -188,7 +188,7 @@ def train(ctx: click.Context, **values: Any) -> None:
     options = {
         key[len(_METHOD_OPTION_PREFIX) :]: value
         for key, value in values.items()
-        if key.startswith(_METHOD_OPTION_PREFIX) and value is not None
+        if key.startswith(_METHOD_OPTION_PREFIX) and value not in (None, ())
     }
     config = TrainConfig.from_values({**values, "domains": list(values["domains"]), "options": options})
     workspace = obj.workspace()
