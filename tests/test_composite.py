@@ -428,6 +428,32 @@ def test_name_sets_the_domain_of_the_id_and_the_folder(ws):
     assert bad.exit_code != 0 and "invalid domain" in bad.output
 
 
+def test_merge_into_base_writes_the_exact_merged_model_marked_merged(ws, made, tiny_base_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    args = ["--adapters", IDS["dora"], IDS["verfahren"], "--weights", "0.5", "0.5"]
+    entry = build(ws, *args, "--merge-into-base")
+    assert entry["kind"] == "merged" and entry["max_relative_error"] == 0.0
+    folder = ws.root / entry["path"]
+    assert not (folder / "adapter_config.json").exists() and (folder / "config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).state_dict()
+    expected = exact_sum(tiny_base_dir, made, {"dora": 0.5, "verfahren": 0.5})
+    for key, value in base.items():
+        module = key[: -len(".weight")]
+        want = value.double() + expected[module] if module in expected else value.double()
+        assert (merged[key].double() - want).abs().max() < 1e-5, key  # exact, DoRA included
+    assert run(ws, "adapters", "verify", entry["id"]).exit_code == 0
+    shown = run(ws, "composite", "show", entry["id"])
+    assert "(merged, strategy weighted" in shown.stdout
+    # the adapter composite of the same inputs is another folder and row
+    adapter = build(ws, *args)
+    assert adapter["kind"] == "composite" and adapter["path"] != entry["path"]
+    refused = run(ws, "composite", "build", *args, "--merge-into-base", "--rank", "4")
+    assert refused.exit_code != 0 and "--rank has no use with --merge-into-base" in refused.output
+
+
 # -- serving: the transformers engine serves a composite mixed into a batch with its components -----------------
 
 

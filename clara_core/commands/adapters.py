@@ -181,7 +181,9 @@ def verify_adapter(
     """Every way ``record`` no longer matches its files or its base; empty when all is well."""
     problems: list[str] = []
     try:
-        actual = hashing.adapter_checksum(record.path)
+        # a merged model (clara composite build --merge-into-base) is a full model folder, hashed as bases are
+        merged = record.kind == "merged"
+        actual = hashing.base_model_hash(record.path) if merged else hashing.adapter_checksum(record.path)
     except InvalidInput as exc:
         problems.append(str(exc))
     else:

@@ -124,6 +124,11 @@ def composite() -> None:
     "--name",
     help="Domain name of the composite in its id (default: the components' domains joined with '_').",
 )
+@click.option(
+    "--merge-into-base",
+    is_flag=True,
+    help="Write a full merged model folder (base weights plus the exact merged deltas) instead, for export.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the registered entry and its errors as JSON.")
 @click.pass_context
 def build(ctx: click.Context, **values: Any) -> None:
@@ -159,6 +164,7 @@ def build(ctx: click.Context, **values: Any) -> None:
         out=values["out"],
         name=values["name"],
         seed=values["seed"],
+        merge_into_base=values["merge_into_base"],
     )
     workspace = obj.workspace()
     result = build_composite(request, workspace, obj.plugins, echo=lambda line: click.echo(line, err=True))
@@ -170,9 +176,14 @@ def build(ctx: click.Context, **values: Any) -> None:
     if result.existed:
         click.echo(f"Composite {record.id} exists already at {where} (same inputs); nothing was written")
         return
-    click.echo(f"Registered composite {record.id} at {where}")
+    what = "merged model" if record.kind == "merged" else "composite"
+    click.echo(f"Registered {what} {record.id} at {where}")
     click.echo(f"  adapter_checksum  {record.adapter_checksum}")
-    if result.max_error == 0.0:
+    if record.kind == "merged":
+        click.echo(
+            "  exact             yes (the merged deltas are in the weights; load it as a model, not an adapter)"
+        )
+    elif result.max_error == 0.0:
         click.echo(f"  exact             yes (rank {record.rank})")
     else:
         worst = max(result.errors, key=lambda m: result.errors[m])

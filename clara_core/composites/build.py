@@ -44,6 +44,8 @@ class CompositeRequest:
     #: The composite's domain name in its id (default: the components' domains joined with '_').
     name: str | None = None
     seed: int = 0
+    #: Write a full merged model folder (base weights with the exact merged deltas) instead of an adapter.
+    merge_into_base: bool = False
 
 
 @attrs.define
@@ -105,6 +107,7 @@ def composite_hash(
     options: Mapping[str, Any],
     rank: int | None,
     seed: int,
+    merge_into_base: bool = False,
 ) -> str:
     """The inputs' fingerprint (``hash6`` is its first six characters): same inputs, same folder."""
     document = {
@@ -115,6 +118,8 @@ def composite_hash(
         "rank": rank,
         "seed": seed,
     }
+    if merge_into_base:  # only where set, so adapter composites keep their hashes
+        document["merge_into_base"] = True
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
@@ -160,6 +165,10 @@ def build_composite(
         raise InvalidInput(f"--rank must be at least 1, got {request.rank}")
     if request.name is not None:
         request.name = normalise_domain(request.name)
+    if request.merge_into_base and request.rank is not None:
+        raise InvalidInput(
+            "--rank has no use with --merge-into-base: the merged weights hold the exact deltas"
+        )
     registration = plugins.merge_strategy(request.strategy)
     impl = registration.create()
     _refuse_weights(request, impl)
@@ -179,7 +188,13 @@ def build_composite(
         weights = list(request.weights) if request.weights is not None else [1.0] * len(ids)
 
         digest = composite_hash(
-            components, request.weights, registration.name, options, request.rank, request.seed
+            components,
+            request.weights,
+            registration.name,
+            options,
+            request.rank,
+            request.seed,
+            request.merge_into_base,
         )
         label = request.name or "+".join(dict.fromkeys(".".join(r.domain) for r in components))
         parent = Path(request.out).resolve() if request.out is not None else workspace.composites_dir
@@ -207,7 +222,11 @@ def build_composite(
                 f"--rank {request.rank} is above the exact rank {exact_rank} of this composite (the sum of the "
                 f"components' ranks); leave --rank out for the exact composite"
             )
-        needs_base = [m for m in modules if impl.needs_base_weight or any(m in c.magnitude for c in parsed)]
+        needs_base = [
+            m
+            for m in modules
+            if request.merge_into_base or impl.needs_base_weight or any(m in c.magnitude for c in parsed)
+        ]
         base_weights = T.load_base_weights(base.path, needs_base) if needs_base else {}
 
         import torch
@@ -218,6 +237,7 @@ def build_composite(
             else (parsed[0].lora_A[parsed[0].modules[0]].dtype)
         )
         stored: dict[str, Any] = {}
+        exact_deltas: dict[str, Any] = {}
         errors: dict[str, float] = {}
         conflicts: list[dict[str, Any]] = []
         for module in modules:
@@ -241,13 +261,21 @@ def build_composite(
                 )
             )
             _check_shapes(registration.name, module, merged, deltas)
+            if request.merge_into_base:  # the exact delta goes into the weights: nothing is compressed
+                exact_deltas[module] = T.exact_delta(merged, base_weight)
+                errors[module] = 0.0
+                continue
             result = T.store_module(merged, base_weight, request.rank, exact_ranks[module], dtype)
             stored[module] = result
             errors[module] = result.error
         _warn_conflicts(conflicts, echo)
 
-        config = T.peft_config(
-            stored, parsed[0].config.get("base_model_name_or_path"), T.base_linear_names(base.path)
+        config = (
+            {}
+            if request.merge_into_base
+            else T.peft_config(
+                stored, parsed[0].config.get("base_model_name_or_path"), T.base_linear_names(base.path)
+            )
         )
         lineage = {
             "components": [
@@ -261,6 +289,7 @@ def build_composite(
             "seed": request.seed,
             "inputs_sha256": digest,
             "exact": all(s.exact for s in stored.values()),
+            "merge_into_base": request.merge_into_base,
             "max_relative_error": max(errors.values(), default=0.0),
             "relative_errors": errors,
             "conflicts": conflicts,
@@ -271,10 +300,17 @@ def build_composite(
             folder.mkdir()
             from safetensors.torch import save_file
 
-            save_file(T.state_dict(stored), str(folder / hashing.ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            write_json_atomic(folder / hashing.ADAPTER_CONFIG, config, sort_keys=True)
-            write_json_atomic(folder / LINEAGE_FILE, lineage, sort_keys=True)
-            checksum = hashing.adapter_checksum(folder)
+            if request.merge_into_base:
+                T.write_merged_model(base.path, exact_deltas, folder)
+                write_json_atomic(folder / LINEAGE_FILE, lineage, sort_keys=True)
+                checksum = hashing.base_model_hash(folder)
+            else:
+                save_file(
+                    T.state_dict(stored), str(folder / hashing.ADAPTER_WEIGHTS), metadata={"format": "pt"}
+                )
+                write_json_atomic(folder / hashing.ADAPTER_CONFIG, config, sort_keys=True)
+                write_json_atomic(folder / LINEAGE_FILE, lineage, sort_keys=True)
+                checksum = hashing.adapter_checksum(folder)
             duplicate = registry.find_by_checksum(checksum, base.base_model_hash)
             if duplicate is not None:
                 return CompositeResult(duplicate, True, *_recorded(duplicate))
@@ -284,10 +320,12 @@ def build_composite(
             draft = AdapterDraft(
                 domain=domains,
                 method=registration.name,
-                rank=int(config["r"]),
-                alpha=float(config["lora_alpha"]),
+                rank=int(config["r"]) if config else exact_rank,
+                alpha=float(config["lora_alpha"]) if config else None,
                 use_rslora=False,
-                target_modules=list(config["target_modules"]),
+                target_modules=list(config["target_modules"])
+                if config
+                else sorted({m.rsplit(".", 1)[-1] for m in modules}),
                 base_model_hash=base.base_model_hash,
                 tokenizer_hash=base.tokenizer_hash,
                 adapter_checksum=checksum,
@@ -295,7 +333,7 @@ def build_composite(
                 training_config={"composite": lineage},
                 seed=request.seed,
                 library_versions=_library_versions(),
-                kind="composite",
+                kind="merged" if request.merge_into_base else "composite",
                 size_bytes=hashing.folder_size(folder),
             )
             try:

@@ -282,3 +282,26 @@ def base_linear_names(base_path: Path) -> list[str]:
                 if key.endswith(".weight") and len(handle.get_slice(key).get_shape()) == 2:
                     names.append(key[: -len(".weight")])
     return names
+
+
+def write_merged_model(base_path: Path, deltas: Mapping[str, Any], folder: Path) -> None:
+    """A full model folder: the base's files, with ``deltas`` (float64, by module) added to their weights in
+    each weight's own dtype. Weight files keep their names (and the shard index), so it loads like the base."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    remaining = dict(deltas)
+    for file in sorted(Path(base_path).iterdir()):
+        if file.suffix == ".safetensors":
+            tensors = load_file(str(file))
+            for key, tensor in tensors.items():
+                module = key[: -len(".weight")] if key.endswith(".weight") else None
+                if module in remaining:
+                    delta = remaining.pop(module)
+                    tensors[key] = (tensor.double() + delta).to(tensor.dtype).contiguous()
+            save_file(tensors, str(folder / file.name), metadata={"format": "pt"})
+        elif file.is_file():
+            shutil.copy2(file, folder / file.name)
+    if remaining:
+        raise InvalidInput(f"base in {base_path} has no weight for {', '.join(sorted(remaining)[:3])}")
