@@ -456,3 +456,26 @@ def test_train_refuses_an_out_dir_whose_id_was_removed_before_it_trains(
     assert not (ws.adapters_dir / "steuerrecht" / "lora-r4-v1").exists()
     runs = ws.root / "metadata" / "runs"
     assert not runs.exists() or not list(runs.iterdir())  # refused before a run folder was made
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_serving_refuses_an_adapter_whose_files_say_its_init_changed_the_base(
+    run_cli, workspace_with_base, fake_adapter, init
+):
+    # However such a folder got a row (import-json of an old registry, a hand edit), the check before every
+    # load refuses it: its weights only fit the base as PEFT rewrote it during training.
+    from clara_core.checks import check_adapter_for_base
+    from clara_core.errors import Conflict
+
+    ws = workspace_with_base
+    assert run_cli("adapters", "register", str(fake_adapter()), "--domain", "steuerrecht").exit_code == 0
+    with Registry.open(ws.registry_path) as registry:
+        record = registry.get_adapter("steuerrecht-lora-r4-v1")
+        base = registry.get_base("tiny")
+    check_adapter_for_base(record, base)  # fits as registered
+    config_path = record.path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["init_lora_weights"] = init
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(Conflict, match=rf"init_lora_weights '{init}', which changed the base's weights"):
+        check_adapter_for_base(record, base)
