@@ -36,6 +36,13 @@ from clara_core.plugin_api import (
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
+def peft_name(adapter_id: str) -> str:
+    """The PEFT adapter name for a clara id. PEFT names become module names, which may not hold '.', while ids
+    of multi-domain adapters and composites do (``steuer.verfahren-lora-r8-v1``); this encoding is one-to-one
+    and never gives ``__base__`` (ids start with a letter or digit)."""
+    return adapter_id.replace("_", "_u").replace(".", "_d")
+
+
 class _Sequence:
     """One request inside the engine: its tokens, decoding state and the way back to its event loop."""
 
@@ -49,7 +56,7 @@ class _Sequence:
         self.cancelled = False
         self.finished = False
         self.generator: Any = None
-        self.adapter_name = request.adapter_id or BASE
+        self.adapter_name = peft_name(request.adapter_id) if request.adapter_id else BASE
 
     def send(self, item: GenerationChunk | BaseException) -> None:
         try:
@@ -94,6 +101,7 @@ class TransformersEngine(EngineImpl):
         self.dtype: Any = None
         #: loaded adapters; True where the adapter needs its own group (DoRA and other non-plain LoRA)
         self._dora: dict[str, bool] = {}
+        self._ids: dict[str, str] = {}  # PEFT adapter name -> clara id
         self._hooked: dict[int, Any] = {}
         self._plan: list[tuple[str, int, int]] | None = None
         self._fast: bool | None = None
@@ -196,7 +204,8 @@ class TransformersEngine(EngineImpl):
         from peft.peft_model import PeftModel
         from safetensors.torch import load as load_safetensors
 
-        if adapter_id in self._dora:
+        name = peft_name(adapter_id)
+        if name in self._dora:
             return
         config = files.config
         if config.get("peft_type", "LORA") != "LORA":
@@ -217,20 +226,21 @@ class TransformersEngine(EngineImpl):
         # what PeftModel.from_pretrained / load_adapter do, from the verified bytes instead of the folder
         if self.peft is None:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type or "", PeftModel)
-            self.peft = cls(self.model, peft_config, adapter_name=adapter_id)
+            self.peft = cls(self.model, peft_config, adapter_name=name)
         else:
-            self.peft.add_adapter(adapter_id, peft_config)
+            self.peft.add_adapter(name, peft_config)
         try:
-            set_peft_model_state_dict(self.peft, weights, adapter_name=adapter_id)
+            set_peft_model_state_dict(self.peft, weights, adapter_name=name)
         except Exception as exc:  # shapes that do not fit this base
-            self.peft.delete_adapter(adapter_id)
+            self.peft.delete_adapter(name)
             raise ClaraError(
                 f"adapter '{adapter_id}' does not fit the base: {type(exc).__name__}: {exc}"
             ) from exc
         self.peft.to(self.device)
         self.peft.eval()
         self._active = None  # loading may change PEFT's active adapter
-        self._dora[adapter_id] = bool(config.get("use_dora")) or not self._plain_lora(adapter_id, config)
+        self._dora[name] = bool(config.get("use_dora")) or not self._plain_lora(name, config)
+        self._ids[name] = adapter_id
         self._hook_lora_layers()
         self._fast = None  # new layers start enabled
         self.adapter_loads += 1
@@ -299,17 +309,19 @@ class TransformersEngine(EngineImpl):
         await self._call(lambda: self._unload_adapter(adapter_id))
 
     def _unload_adapter(self, adapter_id: str) -> None:
-        if adapter_id not in self._dora:
+        name = peft_name(adapter_id)
+        if name not in self._dora:
             return
-        if any(row.adapter_name == adapter_id for group in self._groups for row in group.rows):
+        if any(row.adapter_name == name for group in self._groups for row in group.rows):
             raise ClaraError(f"adapter '{adapter_id}' is in use by running requests")
-        self.peft.delete_adapter(adapter_id)
-        del self._dora[adapter_id]
+        self.peft.delete_adapter(name)
+        del self._dora[name]
+        del self._ids[name]
         self._active = None
         self._fast = None  # delete_adapter may re-enable layers
 
     def loaded_adapters(self) -> list[str]:
-        return list(self._dora)
+        return [self._ids[name] for name in self._dora]
 
     # -- requests ----------------------------------------------------------------------------------------------
 
@@ -336,7 +348,7 @@ class TransformersEngine(EngineImpl):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._thread is None:
             raise ClaraError("the engine is not started")
-        if request.adapter_id is not None and request.adapter_id not in self._dora:
+        if request.adapter_id is not None and peft_name(request.adapter_id) not in self._dora:
             raise ClaraError(f"adapter '{request.adapter_id}' is not loaded")
         # a long prompt takes a while to tokenise: never on the event loop, which serves everyone else
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt, request.add_special_tokens)
@@ -383,7 +395,7 @@ class TransformersEngine(EngineImpl):
             "groups": len(self._groups),
             "decode_steps": self.steps,
             "peak_batch": self.peak_batch,
-            "own_group_adapters": sorted(k for k, v in self._dora.items() if v),
+            "own_group_adapters": sorted(self._ids[k] for k, v in self._dora.items() if v),
         }
 
     @staticmethod
@@ -491,7 +503,7 @@ class TransformersEngine(EngineImpl):
         for seq in seqs:
             if seq.adapter_name != BASE and seq.adapter_name not in self._dora:
                 seq.finished = True
-                seq.send(ClaraError(f"adapter '{seq.adapter_name}' was unloaded"))
+                seq.send(ClaraError(f"adapter '{seq.request.adapter_id}' was unloaded"))
                 continue
             by_key.setdefault(self._group_key(seq), []).append(seq)
         for key, rows in by_key.items():

@@ -307,3 +307,37 @@ def test_a_request_whose_parameters_break_sampling_fails_alone(models: dict[str,
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_ids_with_dots_and_underscores_load_and_answer_like_a_plain_id(models: dict[str, Path]) -> None:
+    # Multi-domain adapters and composites have ids like 'steuer.verfahren-lora-r4-v1'; PEFT adapter names may
+    # not hold '.', so the engine encodes them. The encoding must be one-to-one: 'a_d' and 'a.' stay apart.
+    from clara_plugin_transformers.engine import peft_name
+
+    assert peft_name("a_d-lora-r4-v1") != peft_name("a.-lora-r4-v1")
+
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        try:
+            dotted = "steuer.verfahren-lora-r4-v1"
+            underscored = "steuer_verfahren-lora-r4-v1"
+            await engine.load_adapter(Adapter(dotted, models["lora0"]))
+            await engine.load_adapter(Adapter(underscored, models["dora"]))
+            await engine.load_adapter(Adapter("plain-lora-r4-v1", models["lora0"]))
+            assert sorted(engine.loaded_adapters()) == sorted([dotted, underscored, "plain-lora-r4-v1"])
+            assert engine.health()["own_group_adapters"] == [underscored]
+            got = await asyncio.gather(
+                run(engine, PROMPTS[0], dotted, max_tokens=6),
+                run(engine, PROMPTS[0], "plain-lora-r4-v1", max_tokens=6),
+                run(engine, PROMPTS[0], underscored, max_tokens=6),
+            )
+            assert got[0][0] == got[1][0]  # same weights, same answer, whatever the id looks like
+            await engine.unload_adapter(dotted)
+            assert dotted not in engine.loaded_adapters()
+            with pytest.raises(ClaraError, match=r"adapter 'steuer\.verfahren-lora-r4-v1' is not loaded"):
+                await run(engine, PROMPTS[0], dotted, max_tokens=2)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
