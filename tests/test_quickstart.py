@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from clara_core import demo
@@ -61,6 +62,21 @@ def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -
     assert "What to run next" in out
     assert "serve --port 8000" in out
     assert "adapters verify --rebuild" in out
+    # It ends with a small evaluation: each adapter best on its own domain (marked *), recorded; on its own
+    # domain the value is the ppl_dev training recorded (one implementation).
+    evaluation = out.split("7. Evaluation", 1)[1].split("What to run next", 1)[0]
+    header = evaluation.splitlines()[1].split()
+    for entry in listed:
+        line = next(x for x in evaluation.splitlines() if x.strip().startswith(entry["id"]))
+        cells = dict(zip(header, line.split(None, 1)[1].replace(" *", "*").split(), strict=True))
+        assert cells[entry["domain"][0]].endswith("*")
+        assert float(cells[entry["domain"][0]].rstrip("*")) == pytest.approx(
+            entry["metrics"]["ppl_dev"], rel=1e-3
+        )
+    shown = json.loads(
+        CliRunner().invoke(cli, ["-w", str(root), "adapters", "show", ids[0], "--json"]).output
+    )
+    assert shown["metrics"]["ppl"] == pytest.approx(shown["metrics"]["ppl_dev"], rel=1e-5)
 
     # Running it again reuses the base and adds new versions, never overwriting.
     again = CliRunner().invoke(
