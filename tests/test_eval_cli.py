@@ -62,22 +62,20 @@ def metrics_rows(ws: Workspace) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> Workspace:
-    """steuerrecht v1 (a random adapter: bad), v2 (trained), v3 (random again); sozialrecht v1 (trained)."""
+    """steuerrecht v1 (a random adapter: bad), v2 (trained), v3 (random again)."""
     workspace, _ = Workspace.init(tmp_path_factory.mktemp("eval") / "ws")
     data = workspace.root / "data"
     _write(data / "steuer.jsonl", [{"text": t} for t in STEUER * 4])
     _write(data / "steuer_dev.jsonl", [{"text": t} for t in STEUER])
-    _write(data / "sozial.jsonl", [{"text": t} for t in SOZIAL * 4])
     _write(data / "sozial_dev.jsonl", [{"text": t} for t in SOZIAL])
     shutil.copytree(tiny_base_dir, workspace.base_dir / "tiny")
     ok(workspace, "base", "add", str(workspace.base_dir / "tiny"), "--name", "tiny")
     bad = write_fake_adapter(workspace.root / "made" / "bad1", tiny_base_dir, rank=4, seed=1)
     ok(workspace, "adapters", "register", str(bad), "--domain", "steuerrecht", "--method", "lora")
-    for domain, name in (("steuerrecht", "steuer"), ("sozialrecht", "sozial")):
-        ok(
-            workspace, "train", "--base", "tiny", "--domain", domain, "--method", "lora",
-            "--dataset", str(data / f"{name}.jsonl"), "--dev", str(data / f"{name}_dev.jsonl"), *FAST,
-        )  # fmt: skip
+    ok(
+        workspace, "train", "--base", "tiny", "--domain", "steuerrecht", "--method", "lora",
+        "--dataset", str(data / "steuer.jsonl"), "--dev", str(data / "steuer_dev.jsonl"), *FAST,
+    )  # fmt: skip
     bad = write_fake_adapter(workspace.root / "made" / "bad3", tiny_base_dir, rank=4, seed=3)
     ok(workspace, "adapters", "register", str(bad), "--domain", "steuerrecht", "--method", "lora")
     return workspace
@@ -125,16 +123,24 @@ def test_regression_gate_fails_on_a_worse_version_and_passes_otherwise(ws: Works
 def test_matrix_table_marks_the_best_and_writes_a_png(ws: Workspace) -> None:
     plot = ws.root / "matrix.png"
     result = ok(
-        ws, "eval", "matrix", "steuerrecht-lora-r4-v2", "sozialrecht-lora-r4-v1", "--base-too",
+        ws, "eval", "matrix", "steuerrecht-lora-r4-v2", "steuerrecht-lora-r4-v1", "--base-too",
         "--sets", f"steuerrecht={ws.root / 'data/steuer_dev.jsonl'}",
         "--sets", f"sozialrecht={ws.root / 'data/sozial_dev.jsonl'}", "--plot", str(plot), "--json",
     )  # fmt: skip
     out = json.loads(result.stdout)
-    assert out["best"] == {"steuerrecht": "steuerrecht-lora-r4-v2", "sozialrecht": "sozialrecht-lora-r4-v1"}
-    assert set(out["values"]) == {"steuerrecht-lora-r4-v2", "sozialrecht-lora-r4-v1", "base"}
+    assert out["best"]["steuerrecht"] == "steuerrecht-lora-r4-v2"  # trained on it: best on it
+    assert set(out["best"]) == {"steuerrecht", "sozialrecht"}
+    assert set(out["values"]) == {"steuerrecht-lora-r4-v2", "steuerrecht-lora-r4-v1", "base"}
+    for name, values in out["values"].items():  # the best per column is the smallest value
+        assert all(values[d] >= out["values"][out["best"][d]][d] for d in values), name
+    # own domain kept as ppl (what 'adapters list' shows), another domain's set as ppl@<domain>
+    names = {n for a, n, _v, _s in metrics_rows(ws) if a == "steuerrecht-lora-r4-v2"}
+    assert {"ppl", "ppl@sozialrecht", "bpb@sozialrecht"} <= names
+    entry = json.loads(ok(ws, "adapters", "show", "steuerrecht-lora-r4-v2", "--json").stdout)
+    assert entry["metrics"]["ppl"] == out["values"]["steuerrecht-lora-r4-v2"]["steuerrecht"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 1000
     table = ok(
-        ws, "eval", "matrix", "steuerrecht-lora-r4-v2", "sozialrecht-lora-r4-v1",
+        ws, "eval", "matrix", "steuerrecht-lora-r4-v2", "steuerrecht-lora-r4-v1",
         "--sets", f"steuerrecht={ws.root / 'data/steuer_dev.jsonl'}",
     ).output  # fmt: skip
     assert "*" in next(x for x in table.splitlines() if x.startswith("steuerrecht-lora-r4-v2"))

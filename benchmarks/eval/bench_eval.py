@@ -57,7 +57,7 @@ def clara(workspace: Path, *args: str) -> str:
     )
     if result.exit_code != 0:
         sys.exit(f"clara {' '.join(args)} failed:\n{result.output}")
-    return result.output
+    return result.stdout
 
 
 def baseline(base: Path, adapter: Path, dev: Path, window: int) -> dict:
@@ -111,23 +111,41 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per matrix adapter")
     parser.add_argument("--no-matrix", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="only the first N sections of each dev set (a shared machine; say so in the README)",
+    )
+    parser.add_argument("--data", type=Path, default=DATA, help=f"the law corpora (default {DATA})")
     parser.add_argument("--keep", type=Path, help="use this folder (kept) instead of a temporary one")
     args = parser.parse_args()
+    data: Path = args.data
 
     import torch
 
     from clara_core.tinymodels import build_llama, random_lora_adapter
+    from clara_core.workspace import Workspace
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench-eval-"))
     folder.mkdir(parents=True, exist_ok=True)
     ws = folder / "ws"
     base = ws / "models" / "base" / "bench-llama"
     if not (base / "config.json").is_file():
-        clara(ws, "init")
-        corpus = [t for d in (*DOMAINS, "allgemein") for t in texts_of(DATA / d / "train.jsonl")]
+        Workspace.init(ws)
+        corpus = [t for d in (*DOMAINS, "allgemein") for t in texts_of(data / d / "train.jsonl")]
         build_llama(base, texts=corpus, **MODEL)
         clara(ws, "base", "add", str(base), "--name", "bench-llama")
-    dev = DATA / "steuerrecht" / "dev.jsonl"
+
+    def dev_set(domain: str) -> Path:
+        source = data / domain / "dev.jsonl"
+        if not args.limit:
+            return source
+        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        target = folder / f"{domain}-dev-{args.limit}.jsonl"
+        target.write_text("\n".join(lines[: args.limit]) + "\n", encoding="utf-8")
+        return target
+
+    dev = dev_set("steuerrecht")
 
     # Part 1: throughput against the plain loop
     adapter = folder / "adapter-throughput"
@@ -161,6 +179,7 @@ def main() -> None:
             "load_before": os.getloadavg()[0],
         },
         "window": args.window,
+        "limit": args.limit,
         "batch_size": args.batch_size,
         "clara_eval": {
             "ppl": ours["metrics"]["ppl"],
@@ -191,12 +210,12 @@ def main() -> None:
             if not existing:
                 clara(
                     ws, "train", "--base", "bench-llama", "--domain", domain, "--method", "lora", "--rank", "8",
-                    "--dataset", str(DATA / domain / "train.jsonl"), "--max-steps", str(args.steps),
+                    "--dataset", str(data / domain / "train.jsonl"), "--max-steps", str(args.steps),
                     "--max-seq-len", "256", "--batch-size", "16", "--lr", "3e-3",
                 )  # fmt: skip
                 existing = json.loads(clara(ws, "adapters", "list", "--domain", domain, "--json"))
             ids.append(existing[-1]["id"])
-        sets = [f"--sets={d}={DATA / d / 'dev.jsonl'}" for d in DOMAINS]
+        sets = [f"--sets={d}={dev_set(d)}" for d in DOMAINS]
         started = time.perf_counter()
         matrix = json.loads(
             clara(
