@@ -12,12 +12,17 @@ and social law, simplified; not legal advice).
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from .errors import ClaraError
 from .output import human_size
 from .plugins import PluginManager
 from .registry import AdapterRecord, BaseRecord, Registry
@@ -263,11 +268,15 @@ def step_train(
     steps: int,
     progress: bool,
 ) -> None:
+    """Train each domain's adapter; a rerun after an interruption goes on by itself: an adapter already
+    trained with the same inputs is reused, an interrupted run continues from its checkpoint."""
     from .training import TrainConfig, train_adapter
+    from .training.config import run_key
+    from .training.loop import TrainingInterrupted, complete_checkpoints
+    from .training.plan import plan_run
 
     assert state.base is not None
     for domain, (train, dev) in state.datasets.items():
-        echo(f"4. Training a {method} adapter for {domain} ({steps} steps) ...")
         config = TrainConfig(
             base=str(state.base.path),
             domains=[domain],
@@ -282,11 +291,40 @@ def step_train(
             max_seq_len=128,
             seed=0,
             license="apache-2.0",
-            save_steps=steps,
+            save_steps=max(1, steps // 4),
         )
-        result = train_adapter(
-            config, state.workspace, plugins, echo=lambda line: echo("   " + line), show_progress=progress
-        )
+        plan = plan_run(attrs.evolve(config), state.workspace, plugins, register=True, world_size=1)
+        with Registry.open(state.workspace.registry_path) as registry:
+            done = [
+                record
+                for record in registry.list_adapters()
+                if record.training_config and run_key(record.training_config) == plan.key
+            ]
+        if done:
+            state.adapters[domain] = done[-1]
+            echo(f"4. {domain}: '{done[-1].id}' was already trained with these inputs; reusing it")
+            continue
+        checkpoints = complete_checkpoints(plan.run_dir)
+        config.resume = bool(checkpoints)
+        if checkpoints:
+            echo(
+                f"4. Continuing the interrupted {method} training for {domain} from step {checkpoints[-1][0]} ..."
+            )
+        else:
+            echo(f"4. Training a {method} adapter for {domain} ({steps} step{'s' if steps != 1 else ''}) ...")
+        try:
+            result = train_adapter(
+                config, state.workspace, plugins, echo=lambda line: echo("   " + line), show_progress=progress
+            )
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(
+                f"quickstart interrupted while training the {domain} adapter; nothing half-made was registered. "
+                "Run the same command again to continue where it stopped"
+            ) from exc
+        except ClaraError as exc:  # the quickstart has no --resume: a rerun continues by itself
+            if "with --resume" not in exc.message:
+                raise
+            raise type(exc)(exc.message.replace("with --resume", "again")) from exc
         assert result.record is not None
         state.adapters[domain] = result.record
 
@@ -393,6 +431,27 @@ def step_serve(state: Quickstart, echo: Callable[[str], None], *, engine: str | 
         )
 
 
+def clara_command() -> str:
+    """How to run clara again, as the user can type it: ``clara`` when that is on PATH and is this clara,
+    else the path of the running executable (``.venv/bin/clara`` after the README's install), else
+    ``python -m clara_core.cli`` with this interpreter."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name.startswith("clara") and argv0.is_file() and os.access(argv0, os.X_OK):
+        on_path = shutil.which(argv0.name)
+        if on_path is not None and Path(on_path).resolve() == argv0.resolve():
+            return argv0.name
+        return shlex.quote(_shown(argv0.absolute()))
+    return f"{shlex.quote(_shown(Path(sys.executable)))} -m clara_core.cli"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when it lies below it (``.venv/bin/clara``), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def step_eval(state: Quickstart, echo: Callable[[str], None]) -> None:
     """Both adapters and the base on both domains' dev sets ('clara eval matrix'), recorded in the registry."""
     from .evaluation import runner
@@ -429,22 +488,20 @@ def step_eval(state: Quickstart, echo: Callable[[str], None]) -> None:
 
 def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     root = state.workspace.root
-    try:
-        shown = root.relative_to(Path.cwd())
-    except ValueError:
-        shown = root
+    shown = shlex.quote(_shown(root))
+    clara = clara_command()
     first = next(iter(state.adapters.values())).id if state.adapters else "ID"
     echo("")
     echo("Done. What to run next:")
-    echo(f"  clara -w {shown} adapters list                      # the registry")
-    echo(f"  clara -w {shown} adapters show {first}     # hashes, metrics, dataset_ref, config")
-    echo(f"  clara -w {shown} adapters verify --rebuild {first}  # retrain and compare checksums")
-    echo(f"  clara -w {shown} eval {first} --base-too            # perplexity on its dev set, recorded")
+    echo(f"  {clara} -w {shown} adapters list                      # the registry")
+    echo(f"  {clara} -w {shown} adapters show {first}     # hashes, metrics, dataset_ref, config")
+    echo(f"  {clara} -w {shown} adapters verify --rebuild {first}  # retrain and compare checksums")
+    echo(f"  {clara} -w {shown} eval {first} --base-too            # perplexity on its dev set, recorded")
     echo(
-        f"  clara -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
+        f"  {clara} -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
         "--dataset YOUR.jsonl   # your own data"
     )
-    echo(f"  clara -w {shown} serve --port 8000                   # the HTTP API with hot-swap; then:")
+    echo(f"  {clara} -w {shown} serve --port 8000                   # the HTTP API with hot-swap; then:")
     echo(
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
         f"""-d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Wer setzt die Einkommensteuer fest?"}}], "temperature": 0, "max_tokens": 40}}'"""

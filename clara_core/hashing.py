@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+import attrs
+
 from .errors import InvalidInput
 
 _CHUNK = 8 * 1024 * 1024
@@ -131,17 +133,35 @@ def tokenizer_hash(path: Path, cache: HashCache | None = None) -> str | None:
 
 def read_adapter_config(path: Path) -> dict:
     """``adapter_config.json`` of a PEFT adapter folder, or a clear error saying why it is not one."""
+    _check_adapter_folder(path)
+    config_path = path / ADAPTER_CONFIG
+    try:
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{config_path}: unreadable adapter config ({exc})") from exc
+    config = _parse_adapter_config(config_path, raw)
+    _check_adapter_weights(path)
+    return config
+
+
+def _check_adapter_folder(path: Path) -> None:
     if not path.is_dir():
         raise InvalidInput(f"{path}: no such folder; give a PEFT adapter folder")
-    config_path = path / ADAPTER_CONFIG
-    if not config_path.is_file():
+    if not (path / ADAPTER_CONFIG).is_file():
         raise InvalidInput(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+
+
+def _parse_adapter_config(config_path: Path, raw: bytes) -> dict:
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        config = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
         raise InvalidInput(f"{config_path}: unreadable adapter config ({exc})") from exc
     if not isinstance(config, dict) or "peft_type" not in config:
         raise InvalidInput(f"{config_path}: not a PEFT adapter config (no peft_type)")
+    return config
+
+
+def _check_adapter_weights(path: Path) -> None:
     if not (path / ADAPTER_WEIGHTS).is_file():
         if (path / "adapter_model.bin").is_file():
             raise InvalidInput(
@@ -149,22 +169,57 @@ def read_adapter_config(path: Path) -> dict:
                 "Re-save with save_pretrained(dir, safe_serialization=True)"
             )
         raise InvalidInput(f"{path}: not a PEFT adapter folder (no {ADAPTER_WEIGHTS})")
-    return config
 
 
-def adapter_checksum(path: Path) -> str:
-    config = read_adapter_config(path)
+def _config_sha256(config: dict) -> str:
+    """sha256 of the behaviour-relevant part of an adapter config, in a canonical form."""
     stable = {k: v for k, v in config.items() if k not in _VOLATILE_ADAPTER_KEYS}
     for key in _SET_VALUED_ADAPTER_KEYS:  # PEFT writes these sets in an order that varies between processes
         if isinstance(stable.get(key), list):
             stable[key] = sorted(stable[key], key=str)
     canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return combine(
-        [
-            (ADAPTER_WEIGHTS, sha256_file(path / ADAPTER_WEIGHTS)),
-            (ADAPTER_CONFIG, sha256_bytes(canonical.encode("utf-8"))),
-        ]
-    )
+    return sha256_bytes(canonical.encode("utf-8"))
+
+
+def _adapter_checksum(weights_sha256: str, config: dict) -> str:
+    return combine([(ADAPTER_WEIGHTS, weights_sha256), (ADAPTER_CONFIG, _config_sha256(config))])
+
+
+def adapter_checksum(path: Path) -> str:
+    config = read_adapter_config(path)
+    return _adapter_checksum(sha256_file(path / ADAPTER_WEIGHTS), config)
+
+
+@attrs.frozen
+class AdapterFiles:
+    """An adapter's config and weights as read once, with the checksum of exactly these bytes.
+
+    Whoever loads an adapter from this object loads what was hashed: a file swapped on disk after the read can
+    neither pass the check nor be served under the checked id.
+    """
+
+    config: dict
+    weights: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    checksum: str
+
+
+def read_adapter_files(path: Path) -> AdapterFiles:
+    """Read ``adapter_config.json`` and the weights of the adapter folder ``path`` once each, and hash those
+    bytes (the same checksum as :func:`adapter_checksum`)."""
+    _check_adapter_folder(path)
+    config_path = path / ADAPTER_CONFIG
+    try:
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{config_path}: unreadable adapter config ({exc})") from exc
+    config = _parse_adapter_config(config_path, raw)
+    _check_adapter_weights(path)
+    try:
+        with open(path / ADAPTER_WEIGHTS, "rb") as handle:
+            weights = handle.read()
+    except OSError as exc:
+        raise InvalidInput(f"{path / ADAPTER_WEIGHTS}: unreadable adapter weights ({exc})") from exc
+    return AdapterFiles(config, weights, _adapter_checksum(sha256_bytes(weights), config))
 
 
 def folder_size(path: Path) -> int:

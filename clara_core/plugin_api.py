@@ -15,7 +15,8 @@ What is here:
   receive and return; new request fields get defaults, so plugins keep working when they grow;
 - the registry's records (:class:`AdapterRecord`, :class:`BaseRecord`) and, for plugins that work outside
   clara's own commands (the vLLM LoRA resolver), read access to a registry (:class:`Registry`,
-  :func:`find_registry_path`) with the checks clara makes before an adapter is used;
+  :func:`find_registry_path`) with the checks clara makes before an adapter is used
+  (:func:`read_verified_adapter` for an engine that loads the very bytes it checked);
 - the errors a plugin raises (:class:`ClaraError` and its subclasses; one line: what, where, what to do) and
   :func:`first_line` to quote a library's exception in one;
 - helpers trainer methods build on (:func:`load_causal_lm`, :func:`lora_config`, ...) and file helpers that
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checks import check_adapter_for_base
+from .checks import check_adapter_for_base, read_verified_adapter
 from .errors import (
     ClaraError,
     Conflict,
@@ -41,8 +42,9 @@ from .errors import (
     first_line,
 )
 from .fileio import write_json_atomic, write_text_atomic
-from .hashing import adapter_checksum, base_model_hash, read_adapter_config
+from .hashing import AdapterFiles, adapter_checksum, base_model_hash, read_adapter_config
 from .hookspecs import hookimpl
+from .naming import validate_adapter_id
 from .records import AdapterRecord, BaseRecord
 from .registry import Registry
 from .training.methods import linear_module_names, load_causal_lm, lora_config, resolve_target_modules
@@ -65,6 +67,7 @@ from .types import (
     ModuleDelta,
     ModuleMergeRequest,
     Option,
+    OptionValueError,
     Registration,
     RouteDecision,
     Router,
@@ -74,7 +77,7 @@ from .types import (
     TrainerMethod,
     TrainerMethodImpl,
 )
-from .workspace import Workspace, validate_adapter_id
+from .workspace import Workspace
 
 
 def find_registry_path(start: Path | None = None) -> Path:
@@ -84,6 +87,7 @@ def find_registry_path(start: Path | None = None) -> Path:
 
 
 __all__ = [
+    "AdapterFiles",
     "AdapterRecord",
     "AdapterSpec",
     "BaseRecord",
@@ -108,6 +112,7 @@ __all__ = [
     "ModuleMergeRequest",
     "NotFound",
     "Option",
+    "OptionValueError",
     "PluginError",
     "Registration",
     "Registry",
@@ -131,6 +136,7 @@ __all__ = [
     "load_causal_lm",
     "lora_config",
     "read_adapter_config",
+    "read_verified_adapter",
     "resolve_target_modules",
     "validate_adapter_id",
     "write_json_atomic",

@@ -30,49 +30,9 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-@attrs.define
-class BaseRecord:
-    name: str
-    path: Path
-    base_model_hash: str
-    tokenizer_hash: str | None
-    architecture: str | None
-    model_type: str | None
-    config: dict
-    size_bytes: int
-    created: str
-
-    @classmethod
-    def from_row(cls, row: dict, workspace_root: Path) -> BaseRecord:
-        stored = Path(row["path"])
-        return cls(
-            name=row["name"],
-            path=stored if stored.is_absolute() else workspace_root / stored,
-            base_model_hash=row["base_model_hash"],
-            tokenizer_hash=row["tokenizer_hash"],
-            architecture=row["architecture"],
-            model_type=row["model_type"],
-            config=_loads(row["config"], {}),
-            size_bytes=row["size_bytes"] or 0,
-            created=row["created"],
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "base_model_hash": self.base_model_hash,
-            "tokenizer_hash": self.tokenizer_hash,
-            "architecture": self.architecture,
-            "model_type": self.model_type,
-            "size_bytes": self.size_bytes,
-            "created": self.created,
-        }
-
-
 @attrs.frozen
 class Column:
-    """One column of the ``adapters`` table: its SQL type, and how a record holds its value."""
+    """One column of a registry table: its SQL type, and how a record holds its value."""
 
     name: str
     sql_type: type  # str, int or float, as sqlite-utils creates them
@@ -113,6 +73,62 @@ class Column:
         if self.boolean:
             return bool(value)
         return value
+
+
+#: The base row, declared once (m001 created it; a test checks the two agree).
+BASE_COLUMNS: tuple[Column, ...] = (
+    Column("name", str, not_null=True),
+    Column("path", str, not_null=True),  # relative to the workspace when inside it
+    Column("base_model_hash", str, not_null=True),
+    Column("tokenizer_hash", str),
+    Column("architecture", str),
+    Column("model_type", str),
+    Column("config", str, json=dict, exported=False),  # the model's config.json
+    Column("size_bytes", int),
+    Column("created", str, not_null=True),
+)
+
+
+def base_row(values: dict[str, Any]) -> dict[str, Any]:
+    """The database row for a base (one value per column of :data:`BASE_COLUMNS`)."""
+    return _row(BASE_COLUMNS, values, "bases")
+
+
+def _row(columns: tuple[Column, ...], values: dict[str, Any], table: str) -> dict[str, Any]:
+    unknown = set(values) - {c.name for c in columns}
+    if unknown:
+        raise ValueError(f"not columns of the {table} table: {', '.join(sorted(unknown))}")
+    return {c.name: c.encode(values.get(c.name)) for c in columns}
+
+
+@attrs.define
+class BaseRecord:
+    """One registered base: a field per column of :data:`BASE_COLUMNS`, ``path`` resolved."""
+
+    name: str
+    path: Path
+    base_model_hash: str
+    tokenizer_hash: str | None
+    architecture: str | None
+    model_type: str | None
+    config: dict
+    size_bytes: int
+    created: str
+
+    @classmethod
+    def from_row(cls, row: dict, workspace_root: Path) -> BaseRecord:
+        values = {c.name: c.decode(row.get(c.name)) for c in BASE_COLUMNS}
+        stored = Path(values["path"])
+        values.update(
+            path=stored if stored.is_absolute() else workspace_root / stored,
+            size_bytes=values["size_bytes"] or 0,
+        )
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {c.name: getattr(self, c.name) for c in BASE_COLUMNS if c.exported}
+        entry["path"] = str(self.path)
+        return entry
 
 
 #: The adapter row, declared once. ``migrations.py`` creates it (m001, then later migrations; a test checks
@@ -159,10 +175,7 @@ ENTRY_KEYS = PLAN_ENTRY_KEYS + tuple(
 
 def adapter_row(values: dict[str, Any]) -> dict[str, Any]:
     """The database row for ``values`` (one value per column; JSON and booleans encoded)."""
-    unknown = set(values) - set(ADAPTER_COLUMN_NAMES)
-    if unknown:
-        raise ValueError(f"not columns of the adapters table: {', '.join(sorted(unknown))}")
-    return {c.name: c.encode(values.get(c.name)) for c in ADAPTER_COLUMNS}
+    return _row(ADAPTER_COLUMNS, values, "adapters")
 
 
 @attrs.define

@@ -46,12 +46,14 @@ from .naming import (
     version_from_folder,
 )
 from .records import (
+    BASE_COLUMNS,
     AdapterDraft,
     AdapterRecord,
     BaseRecord,
     _dumps,
     _loads,
     adapter_row,
+    base_row,
     dataset_ref,
     parse_dataset_ref,
     utcnow,
@@ -232,17 +234,19 @@ class Registry:
         tok_hash = hashing.tokenizer_hash(path, cache=self)
         base_name = normalise_base_name(name or path.name)
         architectures = config.get("architectures") or []
-        row = {
-            "name": base_name,
-            "path": workspace.relative(path) if workspace else str(path),
-            "base_model_hash": base_hash,
-            "tokenizer_hash": tok_hash,
-            "architecture": architectures[0] if architectures else None,
-            "model_type": config.get("model_type"),
-            "config": _dumps(config),
-            "size_bytes": hashing.folder_size(path),
-            "created": utcnow(),
-        }
+        row = base_row(
+            {
+                "name": base_name,
+                "path": workspace.relative(path) if workspace else str(path),
+                "base_model_hash": base_hash,
+                "tokenizer_hash": tok_hash,
+                "architecture": architectures[0] if architectures else None,
+                "model_type": config.get("model_type"),
+                "config": config,
+                "size_bytes": hashing.folder_size(path),
+                "created": utcnow(),
+            }
+        )
         with self.transaction():
             existing = self.db.execute(
                 "SELECT name FROM bases WHERE base_model_hash = ?", [base_hash]
@@ -311,6 +315,10 @@ class Registry:
             raise InvalidInput(
                 f"{where}: invalid base name {name!r}: use a-z, 0-9, '.', '_' and '-' (like leo_base)"
             )
+        for column in BASE_COLUMNS:
+            value = entry.get(column.name)
+            if value is not None and not column.accepts(value):
+                raise InvalidInput(f"{where}: '{column.name}' must be {column.describe()}, not {value!r:.40}")
         path = _checked_base_path(str(entry["path"]), workspace, where)
         base_hash = str(entry["base_model_hash"])
         with self.transaction():
@@ -321,18 +329,20 @@ class Registry:
                     f"{where}: base '{name}' is registered here with a different base_model_hash; "
                     "rename it in the file or here"
                 )
+            values: dict[str, Any] = {
+                k: entry.get(k) for k in ("tokenizer_hash", "architecture", "model_type")
+            }
             self.db.table("bases").insert(
-                {
-                    "name": name,
-                    "path": workspace.relative(path),
-                    "base_model_hash": base_hash,
-                    "tokenizer_hash": entry.get("tokenizer_hash"),
-                    "architecture": entry.get("architecture"),
-                    "model_type": entry.get("model_type"),
-                    "config": _dumps({}),
-                    "size_bytes": entry.get("size_bytes") or 0,
-                    "created": entry.get("created") or utcnow(),
-                }
+                base_row(
+                    {
+                        **values,
+                        "name": name,
+                        "path": workspace.relative(path),
+                        "base_model_hash": base_hash,
+                        "size_bytes": entry.get("size_bytes") or 0,
+                        "created": entry.get("created") or utcnow(),
+                    }
+                )
             )
             self.audit("base.restore", name, {"path": workspace.relative(path), "base_model_hash": base_hash})
         return True
@@ -348,7 +358,8 @@ class Registry:
         ).fetchone()
         return (row[0] or 0) + 1
 
-    def _refuse_taken_id(self, adapter_id: str) -> None:
+    def refuse_taken_id(self, adapter_id: str) -> None:
+        """Raise Conflict when ``adapter_id`` is registered, or was and has been removed (ids are never reused)."""
         if self.has_adapter(adapter_id):
             raise Conflict(f"adapter '{adapter_id}' is already registered; choose another version or folder")
         removed = self.removed(adapter_id)
@@ -405,7 +416,7 @@ class Registry:
                     self._refuse_duplicate(draft.adapter_checksum, draft.base_model_hash, source)
                 version = requested_version or self._next_version(key, method, draft.rank)
                 adapter_id = make_adapter_id(domains, method, draft.rank, version)
-                self._refuse_taken_id(adapter_id)
+                self.refuse_taken_id(adapter_id)
                 if place == "in_place":
                     final = Path(source).resolve()
                     self._refuse_registered_path(final, workspace)
@@ -528,6 +539,11 @@ class Registry:
             )
             self.db.table("adapters").insert(row)
             self._insert_lineage(expected, lineage)
+            self.audit(
+                "adapter.import",
+                expected,
+                {"path": row["path"], "adapter_checksum": row["adapter_checksum"], "source": where},
+            )
         return True
 
     def list_adapters(
@@ -539,7 +555,7 @@ class Registry:
             args.append(normalise_domain(domain))
         if method:
             clauses.append("method = ?")
-            args.append(method.strip().lower())
+            args.append(normalise_method(method))
         if kind:
             clauses.append("kind = ?")
             args.append(kind)
@@ -609,23 +625,20 @@ class Registry:
 
     def deletable_folder(self, record: AdapterRecord, workspace: Workspace) -> Path | None:
         """The folder ``adapters rm`` may delete with ``record``: only one clara placed there itself, inside the
-        workspace, holding no base, no other adapter and none of the workspace's own folders."""
+        workspace, that neither holds nor lies in a base or another adapter, and holds none of the workspace's
+        own folders."""
         if not record.placed_by_clara or not record.path.is_dir():
             return None
         folder = record.path.resolve()
         if not workspace.contains(folder) or folder == workspace.root:
             return None
-        protected = [
-            workspace.metadata_dir,
-            workspace.base_dir,
-            workspace.adapters_dir,
-            workspace.composites_dir,
-        ]
-        protected += [b.path for b in self.list_bases()]
-        protected += [a.path for a in self.list_adapters() if a.id != record.id]
-        for other in protected:
-            other = other.resolve()
-            if other == folder or folder in other.parents:
+        own = [workspace.metadata_dir, workspace.base_dir, workspace.adapters_dir, workspace.composites_dir]
+        if any(f.resolve() == folder or folder in f.resolve().parents for f in own):
+            return None
+        others = [b.path for b in self.list_bases()]
+        others += [a.path for a in self.list_adapters() if a.id != record.id]
+        for other in (o.resolve() for o in others):
+            if other == folder or folder in other.parents or other in folder.parents:
                 return None
         return folder
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,8 @@ def connect(path: Path, *, create: bool = False) -> RegistryConnection:
         try:
             conn.execute("PRAGMA schema_version").fetchone()
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+                with suppress(RegistryLocked):  # WAL is an optimisation: the next opener switches it
+                    conn.execute("PRAGMA journal_mode=WAL")
             return conn
         except RegistryDiskFull:  # SQLite cannot size its -shm on a full disk: reads still work
             conn.close()
@@ -274,14 +276,25 @@ def _open_read_only(path: Path, reason: str) -> RegistryConnection:
         # sees its changes and its locks; immutable=1 would read past both
         try:
             conn = _open(path, "ro", reason)
-            conn.execute("PRAGMA schema_version").fetchone()
-            return conn
+        except RegistryLocked:
+            raise  # a writer holds it: reading past its lock (immutable=1) could see a half-written page
         except RegistryError as exc:
-            if unmerged:
-                raise RegistryReadOnly(
-                    f"cannot read {path}: {reason}, and its write-ahead log {wal.name} holds changes not yet "
-                    f"merged into it ({exc}); make {path.parent} writable (or free space) once and retry"
-                ) from exc
+            conn, failure = None, exc
+        if conn is not None:
+            try:
+                conn.execute("PRAGMA schema_version").fetchone()
+                return conn
+            except RegistryLocked:
+                conn.close()
+                raise
+            except RegistryError as exc:
+                conn.close()
+                failure = exc
+        if unmerged:
+            raise RegistryReadOnly(
+                f"cannot read {path}: {reason}, and its write-ahead log {wal.name} holds changes not yet "
+                f"merged into it ({failure}); make {path.parent} writable (or free space) once and retry"
+            ) from failure
     elif unmerged:
         raise RegistryReadOnly(
             f"cannot read {path}: {reason}, and its write-ahead log {wal.name} holds changes not yet merged into "

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 from .errors import ClaraError, InvalidInput
-from .naming import parse_adapter_id
+from .naming import parse_adapter_id, validate_adapter_id
 from .records import ADAPTER_COLUMN_NAMES, ADAPTER_COLUMNS, utcnow
 from .registry import Registry
 from .workspace import Workspace
@@ -86,8 +87,10 @@ def _entry_values(entry: Any, index: int, source: str) -> tuple[dict[str, Any], 
     where = f"{source}: entry {index + 1}"
     if not isinstance(entry, dict):
         raise InvalidInput(f"{where}: expected an object")
-    if isinstance(entry.get("id"), str):
-        where += f" ({entry['id']})"
+    with suppress(
+        InvalidInput, TypeError, KeyError
+    ):  # name the entry by its id when that is printable as it is
+        where += f" ({validate_adapter_id(entry['id'])})"
     missing = [k for k in _REQUIRED_ENTRY_KEYS if entry.get(k) in (None, "")]
     if missing:
         raise InvalidInput(f"{where}: missing {', '.join(missing)}")
@@ -105,6 +108,11 @@ def _entry_values(entry: Any, index: int, source: str) -> tuple[dict[str, Any], 
         isinstance(item, dict) and isinstance(item.get("component_id"), str) for item in lineage
     ):
         raise InvalidInput(f"{where}: lineage must be a list of objects with a component_id")
+    for item in lineage:
+        try:
+            validate_adapter_id(item["component_id"])
+        except InvalidInput as exc:
+            raise InvalidInput(f"{where}: lineage: {exc}") from exc
     # Provenance is this workspace's own record, never taken from a file.
     values = {k: entry[k] for k in ADAPTER_COLUMN_NAMES if k in entry and k != "placed_by_clara"}
     values.update(

@@ -90,6 +90,7 @@ class Option:
     choices: tuple[Any, ...] | None = attrs.field(
         default=None, converter=lambda v: None if v is None else tuple(v)
     )
+    #: The flag may be repeated (``--layer 1 --layer 3``); the implementation gets a list.
     multiple: bool = False
 
     @type.validator
@@ -133,6 +134,11 @@ class Option:
         ``choices``. A refused value raises :class:`OptionValueError` with one line that starts with ``label``
         (default: the flag) and says what is allowed."""
         label = self.flag if label is None else label
+        if self.multiple and isinstance(raw, (list, tuple)):  # a repeated flag: each value on its own
+            return [self._convert_one(item, label) for item in raw]
+        return self._convert_one(raw, label)
+
+    def _convert_one(self, raw: Any, label: str) -> Any:
         value = self._parse(raw, label)
         if self.choices is not None and value not in self.choices:
             raise OptionValueError(f"{label} must be {self.allowed()}, got {_show(raw)}".lstrip())
@@ -221,6 +227,8 @@ class Option:
             decls.append(dest)
         if self.type is bool:
             return click.Option(decls, default=None, help=help_text)
+        if self.multiple:  # not given: click's empty tuple, which the commands treat as "not given"
+            return click.Option(decls, type=self.click_type(), multiple=True, help=help_text + " Repeatable.")
         return click.Option(decls, type=self.click_type(), default=None, help=help_text)
 
 
@@ -278,8 +286,8 @@ class Registration:
         if not isinstance(impl, expected):
             raise PluginError(
                 f"{self.kind} '{self.name}' from {origin} is broken: its factory returned "
-                f"{type(impl).__module__}.{type(impl).__qualname__}, not a {expected.__name__} "
-                f"(clara_core.plugin_api.{expected.__name__}); report it to the plugin's authors"
+                f"{type(impl).__module__}.{type(impl).__qualname__}, not an instance of "
+                f"clara_core.plugin_api.{expected.__name__}; report it to the plugin's authors"
             )
         return impl
 

@@ -151,7 +151,7 @@ class Workspace:
         The folder holds an owner marker (:data:`OWNER_FILE`: pid, process start time, host) that this process
         keeps ``flock``-ed while the folder is in use. A process killed with ``kill -9`` loses the lock at once,
         so the folder it left is recognised as abandoned: ``clara adapters verify`` reports it and the next
-        staging (``adapters register``, ``base add``) removes it; a folder a live process is writing never is.
+        staging (``adapters register``, ``base add --copy``) removes it; a folder a live process is writing never is.
         """
         self.remove_abandoned_staging()
         try:

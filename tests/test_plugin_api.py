@@ -240,7 +240,7 @@ def test_create_refuses_a_factory_that_builds_the_wrong_thing_and_names_the_plug
 
 
 def test_trainer_method_with_object_as_factory_is_refused_at_create():
-    with pytest.raises(PluginError, match=r"trainer method 'x' .*not a TrainerMethodImpl"):
+    with pytest.raises(PluginError, match=r"trainer method 'x' .*not an instance of clara_core.plugin_api.TrainerMethodImpl"):
         TrainerMethod("x", object).create()
 
 
@@ -678,3 +678,22 @@ def test_an_installed_plugin_whose_core_range_excludes_this_core_is_skipped_with
     assert "plugin 'clara_test_future' (clara-plugin-future 1.0) is skipped" in warning
     assert f"works with clara-core<10,>=9.0, this is clara-core {clara_core.__version__}" in warning
     assert "clara_test_future" not in sys.modules  # not even imported
+
+
+def test_the_contributing_example_plugin_imports_only_the_plugin_api():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "contributing_example", ROOT / "tests/test_contributing_example.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    files = example.example_files()
+    module = files["plugins/clara-plugin-pissa/clara_plugin_pissa.py"]
+    assert "clara_core.plugin_api" in module
+    assert core_imports_beyond_the_api(module) == []
+    pin = tomllib.loads(files["plugins/clara-plugin-pissa/pyproject.toml"])["project"]["dependencies"][0]
+    assert Requirement(pin).name == "clara-core" and Requirement(pin).specifier.contains(
+        clara_core.__version__
+    )

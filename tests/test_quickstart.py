@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from clara_core import demo
 from clara_core.cli import ClaraContext, cli
 from clara_core.plugins import PluginManager
+from clara_core.workspace import Workspace
 
 
 def _words(text: str) -> set[str]:
@@ -21,7 +23,8 @@ def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -
     root = tmp_path / "clara-workspace"
     result = CliRunner().invoke(
         cli,
-        ["quickstart", "--dir", str(root)],
+        # 40 steps (the default is 300) already teach each adapter its domain's answer word for word
+        ["quickstart", "--dir", str(root), "--steps", "40"],
         obj=ClaraContext(plugins=PluginManager()),
         catch_exceptions=False,
     )
@@ -117,3 +120,71 @@ def test_create_demo_builds_a_loadable_model_and_refuses_an_existing_folder(tmp_
     again = CliRunner().invoke(cli, ["base", "create-demo", str(target)])
     assert again.exit_code == 1
     assert "already exists" in again.output
+
+
+def test_interrupted_quickstart_continues_when_run_again(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during the first adapter's training (simulated at step 3): the same command again continues from
+    the checkpoint, and a third run reuses both adapters instead of training new versions."""
+    from clara_core.training import loop
+
+    real_catch = loop._catch_sigint
+    presses = {"steps": 0}
+
+    @contextmanager
+    def ctrl_c_at_step_3():
+        def pressed() -> bool:
+            presses["steps"] += 1
+            return presses["steps"] >= 3
+
+        yield pressed
+
+    root = tmp_path / "ws"
+    args = ["quickstart", "--dir", str(root), "--steps", "8", "--no-serve"]
+    monkeypatch.setattr(loop, "_catch_sigint", ctrl_c_at_step_3)
+    first = CliRunner().invoke(cli, args, obj=ClaraContext(plugins=PluginManager()))
+    assert first.exit_code == 130, first.output
+    last = first.output.strip().splitlines()[-1]
+    assert "quickstart interrupted while training the steuerrecht adapter" in last
+    assert "Run the same command again" in last and "--resume" not in first.output
+
+    monkeypatch.setattr(loop, "_catch_sigint", real_catch)
+    second = CliRunner().invoke(cli, args, obj=ClaraContext(plugins=PluginManager()))
+    assert second.exit_code == 0, second.output
+    assert "Continuing the interrupted lora training for steuerrecht from step 3" in second.output
+    listed = json.loads(
+        CliRunner().invoke(cli, ["-w", str(root), "adapters", "list", "--json"], obj=ClaraContext()).output
+    )
+    assert sorted(e["id"] for e in listed) == ["sozialrecht-lora-r16-v1", "steuerrecht-lora-r16-v1"]
+    steuer = next(e for e in listed if e["id"] == "steuerrecht-lora-r16-v1")
+    assert steuer["training_config"]["resumed_from_step"] == 3
+
+    third = CliRunner().invoke(cli, args, obj=ClaraContext(plugins=PluginManager()))
+    assert third.exit_code == 0, third.output
+    assert "'steuerrecht-lora-r16-v1' was already trained with these inputs; reusing it" in third.output
+    assert "-v2" not in third.output
+
+
+def test_next_commands_work_as_shown(tmp_path: Path, monkeypatch) -> None:
+    """After the README's install, 'clara' is .venv/bin/clara, not on PATH: the printed commands name it."""
+    venv_bin = tmp_path / "repo" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    clara = venv_bin / "clara"
+    clara.write_text("#!/bin/sh\n")
+    clara.chmod(0o755)
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.setattr("sys.argv", [str(clara), "quickstart"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert demo.clara_command() == ".venv/bin/clara"
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    assert demo.clara_command() == "clara"  # activated: the short name is this clara
+    monkeypatch.setattr("sys.argv", ["-c"])
+    assert demo.clara_command().endswith(" -m clara_core.cli")
+
+    lines: list[str] = []
+    monkeypatch.setattr("sys.argv", [str(clara), "quickstart"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    state = demo.Quickstart(workspace=Workspace.init(tmp_path / "repo" / "clara-workspace")[0])
+    demo.step_next(state, lines.append)
+    commands = [line.split()[0] for line in lines if line.startswith("  ") and "curl" not in line]
+    assert commands and set(commands) == {".venv/bin/clara"}
+    assert "  .venv/bin/clara -w clara-workspace adapters list" in "\n".join(lines)

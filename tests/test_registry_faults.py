@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -251,6 +252,46 @@ def test_reads_work_and_writes_name_the_read_only_folder(
         no_destructive_advice(line)
     assert files_of(read_only_metadata) == before
     assert (workspace_with_base.adapters_dir / "steuerrecht" / "lora-r4-v1").is_dir()
+    assert_serve_reads_the_registry(workspace_with_base, registered)
+
+
+def assert_serve_reads_the_registry(workspace: Workspace, adapter_id: str) -> None:
+    """What `clara serve` reads from the registry at start and per request works (engine left out)."""
+    from clara_core import hookimpl
+    from clara_core.plugins import PluginManager
+    from clara_core.serving.app import ServeSettings
+    from clara_core.serving.runner import _registry_lookup, prepare
+    from clara_core.types import Engine, EngineImpl
+
+    class Idle(EngineImpl):  # built, never started: only the registry reads are under test
+        def __init__(self, base: object, options: object) -> None: ...
+        async def start(self) -> None: ...
+        async def load_adapter(self, adapter: object) -> None: ...
+        async def unload_adapter(self, adapter_id: str) -> None: ...
+        def loaded_adapters(self) -> list[str]:
+            return []
+
+        async def generate(self, request: object) -> Any:  # pragma: no cover - not called here
+            yield None
+
+        def render_chat(self, messages: object) -> str:
+            return ""
+
+    class Plugin:
+        @hookimpl
+        def register_engines(self, register: Callable) -> None:
+            register(Engine("idle", Idle, "never started in these tests"))
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(Plugin(), name="idle")
+    with Registry.open(workspace.registry_path) as registry:
+        registry.check_integrity()  # what `clara serve` runs first
+    state = prepare(
+        workspace, manager, engine_name="idle", base_name=None, settings=ServeSettings(preload=[adapter_id])
+    )
+    assert state.base.name == "tiny"
+    lookup, list_all = _registry_lookup(workspace.registry_path)
+    assert lookup(adapter_id).id == adapter_id and [r.id for r in list_all()] == [adapter_id]
 
 
 def test_a_read_only_registry_with_unmerged_changes_is_read_through_sqlites_read_only_mode(
@@ -444,6 +485,7 @@ def test_a_full_disk_keeps_reads_working_and_a_write_says_the_disk_is_full(
     assert run("adapters", "show", "steuerrecht-lora-r4-v1").exit_code == 0
     verified = run("adapters", "verify")
     assert verified.exit_code == 0, verified.output
+    assert_serve_reads_the_registry(ws, "steuerrecht-lora-r4-v1")
 
     second = write_fake_adapter(tmp_path / "made" / "two", tiny_base_dir, seed=1)
     line = one_line_error(run("adapters", "register", str(second), "--domain", "sozialrecht", "--in-place"))

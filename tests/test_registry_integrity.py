@@ -32,6 +32,14 @@ def adapter_rows(workspace: Workspace) -> list[tuple]:
         conn.close()
 
 
+def conn_table_info(workspace: Workspace, table: str) -> list[tuple]:
+    conn = sqlite3.connect(workspace.registry_path)
+    try:
+        return conn.execute(f"PRAGMA table_info({table})").fetchall()
+    finally:
+        conn.close()
+
+
 # -- structure -----------------------------------------------------------------------------------------------
 
 
@@ -43,19 +51,20 @@ def test_the_registry_does_not_import_the_workspace_module():
 
 
 def test_the_declared_adapter_columns_are_the_migrated_table(workspace):
-    from clara_core.records import ADAPTER_COLUMNS, AdapterRecord
+    from clara_core.records import ADAPTER_COLUMNS, BASE_COLUMNS, AdapterRecord, BaseRecord
 
-    conn = sqlite3.connect(workspace.registry_path)
-    try:
-        table = conn.execute("PRAGMA table_info(adapters)").fetchall()
-    finally:
-        conn.close()
+    table = conn_table_info(workspace, "adapters")
     sql_types = {str: "TEXT", int: "INTEGER", float: "REAL"}
     assert [(name, kind) for _, name, kind, *_ in table] == [
         (c.name, sql_types[c.sql_type]) for c in ADAPTER_COLUMNS
     ]
     not_null = {name for _, name, _, notnull, *_ in table if notnull}
     assert not_null == {c.name for c in ADAPTER_COLUMNS if c.not_null} - {"id"}
+    base_table = conn_table_info(workspace, "bases")
+    assert [(name, kind) for _, name, kind, *_ in base_table] == [
+        (c.name, sql_types[c.sql_type]) for c in BASE_COLUMNS
+    ]
+    assert [f.name for f in attrs.fields(BaseRecord)] == [c.name for c in BASE_COLUMNS]
     record_fields = [f.name for f in attrs.fields(AdapterRecord)]
     assert sorted(record_fields) == sorted(
         [c.name for c in ADAPTER_COLUMNS if c.name != "domain_key"] + ["stored_path"]
@@ -176,6 +185,7 @@ def _export(run_cli, ws: Workspace) -> dict:
         ({"method": "lo/ra"}, "invalid method"),
         ({"domain": ["../x"]}, "invalid domain"),
         ({"seed": {"x": 1}}, "'seed' must be an integer"),
+        ({"lineage": [{"component_id": "../x"}]}, "lineage: invalid adapter id"),
     ],
 )
 def test_import_json_refuses_entries_that_reach_outside_the_adapter_folders(
@@ -203,6 +213,7 @@ def test_import_json_refuses_entries_that_reach_outside_the_adapter_folders(
         ({"name": "ok", "path": "/"}, "is not a model folder"),
         ({"name": "ok", "path": "/etc"}, "is not a model folder (no config.json)"),
         ({"name": "ok", "path": "models/adapters"}, "is not a model folder"),
+        ({"name": "ok", "path": "/nowhere", "size_bytes": "big"}, "'size_bytes' must be an integer"),
     ],
 )
 def test_import_json_refuses_bad_base_entries(run_cli, workspace, tmp_path, base, expected):
@@ -238,6 +249,11 @@ def test_rm_of_an_imported_adapter_never_deletes_its_folder(
         ).exit_code
         == 0
     )
+    with Registry.open(fresh.registry_path) as registry:
+        assert registry.get_adapter("steuerrecht-lora-r4-v1").placed_by_clara is False
+        assert [e["action"] for e in registry.audit_entries("steuerrecht-lora-r4-v1")] == ["adapter.import"]
+    shown = run_cli("adapters", "show", "steuerrecht-lora-r4-v1", workspace_dir=fresh.root)
+    assert "placed by         you ('adapters rm' keeps the folder)" in shown.output
     result = run_cli("adapters", "rm", "steuerrecht-lora-r4-v1", "--yes", workspace_dir=fresh.root)
     assert result.exit_code == 0, result.output
     assert "its files stay in" in result.output and "clara did not place them" in result.output
@@ -380,3 +396,37 @@ def test_suggestions_in_a_large_registry_compare_only_the_closest_domains(worksp
         assert len(candidates) == 50 and all(c.startswith("steuerrecht-") for c in candidates)
         with pytest.raises(Exception, match=r"did you mean steuerrecht-lora-r4-v3\b"):
             registry.get_adapter("steuerrech-lora-r4-v3")
+
+
+def test_rm_never_deletes_a_base_another_adapter_or_a_workspace_folder(
+    run_cli, workspace_with_base, fake_adapter, tiny_base_dir
+):
+    """Even a row that says clara placed it (a registry edited by hand, or written by an older clara) cannot
+    make rm delete a base, a folder holding or inside another adapter, or the workspace's own folders."""
+    import shutil
+
+    ws = workspace_with_base
+    for seed in range(2):
+        run_cli("adapters", "register", str(fake_adapter(seed=seed)), "--domain", "steuerrecht")
+    base_in_ws = ws.base_dir / "tiny"
+    shutil.copytree(tiny_base_dir, base_in_ws)
+    conn = sqlite3.connect(ws.registry_path)
+    conn.execute("UPDATE bases SET path = 'models/base/tiny'")
+    conn.commit()
+    for target in (  # the last one stays for the rm below: the base's folder
+        "metadata",
+        "models/adapters/steuerrecht",
+        "models/adapters/steuerrecht/lora-r4-v1/x",
+        "models/base/tiny",
+    ):
+        (ws.root / target).mkdir(parents=True, exist_ok=True)
+        conn.execute("UPDATE adapters SET path = ? WHERE id = 'steuerrecht-lora-r4-v2'", [target])
+        conn.commit()
+        with Registry.open(ws.registry_path) as registry:
+            record = registry.get_adapter("steuerrecht-lora-r4-v2")
+            assert record.placed_by_clara and registry.deletable_folder(record, ws) is None, target
+    conn.close()
+    result = run_cli("adapters", "rm", "steuerrecht-lora-r4-v2", "--yes")
+    assert result.exit_code == 0 and "holds or lies in another model" in result.output
+    assert (base_in_ws / "config.json").is_file() and ws.registry_path.is_file()
+    assert (ws.adapters_dir / "steuerrecht" / "lora-r4-v1" / "adapter_model.safetensors").is_file()

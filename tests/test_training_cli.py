@@ -374,6 +374,10 @@ def test_base_registered_elsewhere_is_found_by_its_convention_path(
     with Registry.open(workspace.registry_path) as registry:
         resolved = resolve_base("models/base/leo_base", registry, workspace)
     assert resolved.registered and resolved.name == "leo_base" and resolved.path == elsewhere
+    monkeypatch.chdir(tmp_path)  # 'clara -w WS train --base models/base/leo_base' from another folder
+    with Registry.open(workspace.registry_path) as registry:
+        assert resolve_base("models/base/leo_base", registry, workspace).path == elsewhere
+    monkeypatch.chdir(workspace.root)
 
     line = _bad(
         workspace, "--base", "models/base/leo_bsae", "--domain", "x",

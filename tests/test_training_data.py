@@ -173,3 +173,39 @@ def test_micro_batch_plan() -> None:
         InvalidInput, match="not a multiple of the micro-batch of 16 that fits 512-token rows"
     ):
         micro_batch_plan(config, 1, on_gpu=False)
+
+
+def test_train_config_record_round_trip() -> None:
+    """to_record is what the registry keeps; from_record gives back every recorded field, and the inputs where
+    they are now (the one place that maps between the two, used by train and by --rebuild)."""
+    from clara_core.training.config import RECORDED_FIELDS, RecordedInputs, run_key
+
+    config = TrainConfig(
+        base="models/base/leo", domains=["steuerrecht", "sozialrecht"], method="qlora", dataset=Path("d.jsonl"),
+        rank=8, alpha=12.0, dropout=0.1, target_modules=["v_proj", "q_proj"], use_rslora=True, batch_size=8,
+        micro_batch_size=4, epochs=2.5, lr=1e-3, warmup_steps=3, weight_decay=0.01, seed=7, max_seq_len=128,
+        truncate=False, packing=False, dtype="float32", license="mit", options={"bits": 8},
+    )  # fmt: skip
+    inputs = RecordedInputs("h" * 64, "data/d.jsonl", "s" * 64, None, None, 4, 2, 1, "float32")
+    recorded = config.to_record(inputs)
+    assert recorded["dataset"] == "data/d.jsonl" and recorded["gradient_accumulation_steps"] == 2
+    assert recorded["options"] == {"bits": 8} and recorded["precision"] == "float32"
+    assert "license" not in recorded and "out_dir" not in recorded  # they do not change what is trained
+    back = TrainConfig.from_record(
+        json.loads(json.dumps(recorded)), base="/abs/leo", dataset=Path("/abs/d.jsonl"), dev=None
+    )
+    for name in RECORDED_FIELDS:
+        assert getattr(back, name) == getattr(config, name), name
+    assert (back.base, back.dataset, back.micro_batch_size, back.dtype) == (
+        "/abs/leo",
+        Path("/abs/d.jsonl"),
+        4,
+        "float32",
+    )
+    assert run_key(back.to_record(inputs)) == run_key(recorded)
+    # a record of an older clara without the newer fields takes the defaults
+    old = {
+        k: v for k, v in recorded.items() if k not in {"warmup_steps", "weight_decay", "truncate", "packing"}
+    }
+    aged = TrainConfig.from_record(old, base="b", dataset=Path("d"), dev=None)
+    assert (aged.warmup_steps, aged.weight_decay, aged.truncate, aged.packing) == (0, 0.0, True, True)

@@ -15,7 +15,7 @@ from clara_core.plugins import PluginManager
 from clara_core.serving.app import ServeSettings
 from clara_core.serving.runner import prepare
 from clara_core.training.run import method_options
-from clara_core.types import Engine, Option, OptionValueError, TrainerMethod, TrainerMethodImpl
+from clara_core.types import Engine, EngineImpl, Option, OptionValueError, TrainerMethod, TrainerMethodImpl
 from clara_core.workspace import Workspace
 
 
@@ -72,6 +72,31 @@ class _Method(TrainerMethodImpl):
         raise AssertionError
 
 
+class _Engine(EngineImpl):
+    """Never started: the test only looks at the options the server built it with."""
+
+    def __init__(self, base, options) -> None:
+        self.options = options
+
+    async def start(self) -> None:  # pragma: no cover - not started
+        raise AssertionError
+
+    async def load_adapter(self, adapter) -> None:  # pragma: no cover
+        raise AssertionError
+
+    async def unload_adapter(self, adapter_id: str) -> None:  # pragma: no cover
+        raise AssertionError
+
+    def loaded_adapters(self) -> list[str]:  # pragma: no cover
+        return []
+
+    def generate(self, request):  # pragma: no cover
+        raise AssertionError
+
+    def render_chat(self, messages) -> str:  # pragma: no cover
+        raise AssertionError
+
+
 class _Plugin:
     @hookimpl
     def register_trainer_methods(self, register: Callable) -> None:
@@ -89,7 +114,7 @@ class _Plugin:
         register(
             Engine(
                 "typed",
-                lambda base, options: options,
+                _Engine,
                 "an engine with typed options",
                 options=[
                     Option("bits", int, 4, choices=(4, 8)),
@@ -132,7 +157,7 @@ def test_serve_engine_options_convert_through_option(
         settings=ServeSettings(),
         engine_options={"bits": "8", "eager": "yes", "scale": "0.5"},
     )
-    assert state.engine.extra == {"bits": 8, "eager": True, "scale": 0.5}  # the factory returned its options
+    assert state.engine.options.extra == {"bits": 8, "eager": True, "scale": 0.5}
     for pair, expected in [
         ("bits=5", "engine option -o bits must be 4 or 8, got 5"),
         ("eager=vielleicht", "engine option -o eager must be true or false"),
@@ -142,3 +167,25 @@ def test_serve_engine_options_convert_through_option(
         assert result.exit_code == 1, result.output
         last = result.output.strip().splitlines()[-1]
         assert last.startswith("Error: ") and expected in last and "Traceback" not in result.output
+
+
+def test_click_option_converts_and_repeats() -> None:
+    import click
+    from click.testing import CliRunner
+
+    seen: dict = {}
+    layers = Option("layers", int, multiple=True, choices=(1, 2, 3), help="layers to adapt")
+    bits = Option("bits", int, 4, choices=(4, 8))
+
+    @click.command(params=[layers.click_option("layers"), bits.click_option("bits")])
+    def command(**values):
+        seen.update(values)
+
+    assert CliRunner().invoke(command, ["--layers", "1", "--layers", "3", "--bits", "8"]).exit_code == 0
+    assert seen == {"layers": (1, 3), "bits": 8}
+    assert layers.convert(["2", 3]) == [2, 3]
+    bad = CliRunner().invoke(command, ["--layers", "4"])
+    assert bad.exit_code == 2
+    assert (
+        bad.output.strip().splitlines()[-1] == "Error: Invalid value for '--layers': must be 1, 2 or 3, got 4"
+    )

@@ -72,7 +72,14 @@ def _start_and_wait_for_checkpoint(command: list[str]) -> subprocess.Popen:
 def test_killed_process_leaves_nothing_and_resume_completes(
     workspace: Workspace, tiny_base_dir: Path, dataset: Path
 ) -> None:
-    args = _train_args(tiny_base_dir, dataset, "--max-steps", "60", "--save-steps", "2")
+    """Only the kill needs a real process; the refusal and the resume run in this one (two fewer interpreter
+    starts), against the files the killed process left."""
+    from click.testing import CliRunner
+
+    from clara_core.cli import ClaraContext, cli
+    from clara_core.plugins import PluginManager
+
+    args = _train_args(tiny_base_dir, dataset, "--max-steps", "30", "--save-steps", "2")
     proc = _start_and_wait_for_checkpoint(_clara(workspace, *args))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -81,15 +88,20 @@ def test_killed_process_leaves_nothing_and_resume_completes(
     runs = list((workspace.metadata_dir / "runs").iterdir())
     assert len(runs) == 1 and list(runs[0].glob("checkpoint-*"))
 
-    # the same command without --resume refuses to throw the checkpoint away
-    again = subprocess.run(_clara(workspace, *args), capture_output=True, text=True, env=_env())
-    assert again.returncode == 1
-    assert "continue it with --resume" in again.stderr.strip().splitlines()[-1]
-    assert adapters_in(workspace) == []
+    def clara(*extra: str):
+        obj = ClaraContext(workspace=workspace.root, plugins=PluginManager())
+        return CliRunner().invoke(cli, [*args, *extra], obj=obj)
 
-    resumed = subprocess.run(_clara(workspace, *args, "--resume"), capture_output=True, text=True, env=_env())
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Resuming from checkpoint-" in resumed.stderr
+    # the same command without --resume refuses to throw the checkpoint away
+    again = clara()
+    assert again.exit_code == 1
+    assert "continue it with --resume" in again.output.strip().splitlines()[-1]
+    assert adapters_in(workspace) == []
+    assert list(runs[0].glob("checkpoint-*")), "the refused run removed the checkpoint"
+
+    resumed = clara("--resume")
+    assert resumed.exit_code == 0, resumed.output[-2000:]
+    assert "Resuming from checkpoint-" in resumed.output
     rows = adapters_in(workspace)
     assert [r[0] for r in rows] == ["steuerrecht-lora-r4-v1"]
     config = json.loads(rows[0][1])

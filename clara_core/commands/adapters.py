@@ -136,6 +136,12 @@ def show(obj, adapter_id: str, as_json: bool) -> None:
         ("created", record.created),
         ("status", record.status),
         ("path", str(record.path)),
+        (
+            "placed by",
+            "clara ('adapters rm' deletes the folder)"
+            if record.placed_by_clara
+            else "you ('adapters rm' keeps the folder)",
+        ),
         ("size", human_size(record.size_bytes)),
         ("seed", record.seed if record.seed is not None else "-"),
         ("metrics", json.dumps(record.metrics, sort_keys=True) if record.metrics else "-"),
@@ -183,6 +189,11 @@ def rm(obj, adapter_id: str, yes: bool, keep_files: bool) -> None:
         click.echo(f"Removed {adapter_id} and deleted {deleted}")
     elif keep_files or not record.path.exists():
         click.echo(f"Removed {adapter_id}")
+    elif record.placed_by_clara:
+        click.echo(
+            f"Removed {adapter_id}; its files stay in {record.path} (the folder holds or lies in another model "
+            "or a workspace folder)"
+        )
     else:
         click.echo(f"Removed {adapter_id}; its files stay in {record.path} (clara did not place them there)")
 
@@ -239,7 +250,7 @@ def verify(obj, adapter_ids: tuple[str, ...], full: bool, rebuild: bool) -> None
     """Recompute checksums and base hashes of ADAPTER_IDS (default: all); exit 1 on any mismatch.
 
     Without ADAPTER_IDS, also notes adapter folders no registry row points to, and staging folders in
-    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add' removes those).
+    metadata/tmp/ that a killed process left (the next 'adapters register' or 'base add --copy' removes them).
 
     With --rebuild, each adapter is trained again from the inputs recorded at training time (base, dataset,
     method, options, seed) in a scratch folder, and the new adapter_checksum is compared with the registered
@@ -299,8 +310,8 @@ def _report_leftovers(workspace) -> None:
     for leftover in workspace.staging_leftovers():
         click.echo(
             f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging "
-            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add' removes "
-            "it, or delete it yourself"
+            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add --copy' "
+            "removes it, or delete it yourself"
         )
 
 
@@ -377,6 +388,7 @@ def register(
     """
     workspace = obj.workspace()
     config = hashing.read_adapter_config(path)
+    workspace.remove_abandoned_staging()  # what a killed copy left (its owner is gone): 'verify' reports it
     with Registry.open(workspace.registry_path) as registry:
         base = registry.choose_base(base_name)
         problems = adapter_base_mismatches(path, base.path)

@@ -30,6 +30,27 @@ def check_auth(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
     )
 
 
+def api_key_setting(value: str | None) -> str | None:
+    """The API key as the server will compare it, or ``None`` for no key (an empty ``CLARA_API_KEY``).
+
+    A key no client can send is refused here rather than failing every request later: HTTP headers carry
+    printable ASCII only, and clients strip the spaces around a header value.
+    """
+    if value is None or value == "":
+        return None
+    if value != value.strip():
+        raise InvalidInput(
+            "the API key (--api-key or CLARA_API_KEY) has spaces or line breaks around it, which no client "
+            "can send; remove them"
+        )
+    if not value.isascii() or not value.isprintable():
+        raise InvalidInput(
+            "the API key (--api-key or CLARA_API_KEY) must be printable ASCII (letters, digits, punctuation): "
+            "HTTP headers carry nothing else; choose another key"
+        )
+    return value
+
+
 def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     options: dict[str, str] = {}
     for pair in pairs:
@@ -68,7 +89,9 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--api-key",
     envvar="CLARA_API_KEY",
-    help="Require 'Authorization: Bearer KEY' (env CLARA_API_KEY; empty: no key).",
+    help="Require 'Authorization: Bearer KEY' on every route but /health. Prefer the environment variable "
+    "CLARA_API_KEY: a key given as --api-key shows in the process list (ps) for every user of the machine. "
+    "Printable ASCII without surrounding spaces; an empty key means no key.",
 )
 @click.option(
     "--insecure-no-auth",
@@ -100,6 +123,13 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Largest request body in bytes; larger ones answer 413.",
 )
 @click.option(
+    "--read-timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a client has to send a request's head, and again its body; slower clients are cut off.",
+)
+@click.option(
     "--log-requests",
     is_flag=True,
     help="Append one JSON line per request to metadata/logs/requests.jsonl.",
@@ -127,6 +157,7 @@ def serve(
     max_queue: int,
     queue_timeout: float,
     max_body_bytes: int,
+    read_timeout: float,
     log_requests: bool,
     router_name: str | None,
     engine_options: tuple[str, ...],
@@ -142,6 +173,7 @@ def serve(
     from ..serving.runner import bind, prepare, run
     from ..serving.state import ServeSettings
 
+    api_key = api_key_setting(api_key)
     check_auth(host, api_key, insecure_no_auth)
     if insecure_no_auth and not api_key and not is_loopback(host):
         click.echo(f"clara: warning: serving on {host} without an API key (--insecure-no-auth)", err=True)
@@ -155,8 +187,9 @@ def serve(
         max_loaded=max_loaded,
         max_queue=max_queue,
         queue_timeout=queue_timeout,
-        api_key=api_key or None,
+        api_key=api_key,
         max_body_bytes=max_body_bytes,
+        read_timeout=read_timeout,
         router_name=router_name,
         preload=list(dict.fromkeys(preload)),
     )
@@ -173,5 +206,6 @@ def serve(
         observers=[JsonlRequestLog(workspace.metadata_dir / "logs" / "requests.jsonl")]
         if log_requests
         else [],
+        echo=lambda line: click.echo(line, err=True),
     )
     run(state, host, port, echo=lambda line: click.echo(line, err=True))

@@ -81,7 +81,9 @@ def _split_modules(_ctx: click.Context, _param: click.Parameter, values: tuple[s
 
 @click.command("train", cls=TrainCommand)
 @click.option(
-    "--base", required=True, help="Base model: a Hugging Face model folder, or a registered base's name."
+    "--base",
+    required=True,
+    help="Base model: a Hugging Face model folder, a registered base's name, or models/base/NAME of one.",
 )
 @click.option(
     "--domain", "domains", multiple=True, required=True, help="Domain of the adapter (repeat for several)."
@@ -186,7 +188,7 @@ def train(ctx: click.Context, **values: Any) -> None:
     options = {
         key[len(_METHOD_OPTION_PREFIX) :]: value
         for key, value in values.items()
-        if key.startswith(_METHOD_OPTION_PREFIX) and value is not None
+        if key.startswith(_METHOD_OPTION_PREFIX) and value not in (None, ())
     }
     config = TrainConfig.from_values({**values, "domains": list(values["domains"]), "options": options})
     workspace = obj.workspace()
@@ -250,6 +252,9 @@ def quickstart(ctx: click.Context, directory: Path | None, method: str, steps: i
     Builds the demo base offline, writes example datasets for steuerrecht and sozialrecht, trains and
     registers an adapter for each, asks each domain's question to the base and to every adapter, then
     serves the base with both adapters hot-swapped in behind the HTTP API and asks the server the same.
+
+    Interrupted, the same command goes on where it stopped: adapters already trained with the same inputs are
+    reused, an interrupted training continues from its checkpoint.
     """
     from ..demo import run_quickstart
 

@@ -14,7 +14,10 @@ request for an adapter that is not loaded waits in one first-come-first-served q
   one, preferring adapters nobody is waiting for) and that victim *drains*: its running requests finish,
   new requests for it queue behind the claim, so a rarely used adapter is never starved by busy ones;
 * requests on the other loaded adapters keep running (and batching) meanwhile: nothing holds a lock while
-  waiting, only the engine's load/unload calls are serialised.
+  waiting. Loads of different adapters may run at once (an engine that loads between decoding steps, like
+  the transformers engine, then does several at one step boundary); one adapter id is never loaded and
+  unloaded at the same time, and a victim is unloaded before its successor loads, so at most ``max_loaded``
+  adapters are ever loaded.
 
 A wait longer than ``queue_timeout`` seconds answers 503 ``queue_timeout`` with ``Retry-After`` (the admission
 queue, ``--max-queue``, bounds how many wait). Every wait is observed in ``clara_adapter_queue_wait_seconds``.
@@ -39,7 +42,7 @@ from ..checks import check_adapter_for_base
 from ..errors import Conflict, NotFound
 from ..registry import AdapterRecord, BaseRecord
 from ..types import EngineImpl
-from .errors import AdapterInUse, QueueTimeout
+from .errors import AdapterChanged, AdapterInUse, QueueTimeout
 from .metrics import Metrics
 
 #: ``--queue-timeout`` default: seconds a request waits for an adapter slot before 503.
@@ -81,7 +84,8 @@ class AdapterManager:
         #: loaded adapter -> the waiting adapter that claimed its slot; it takes no new requests
         self.draining: dict[str, str] = {}
         self.waiters: deque[_Waiter] = deque()
-        self._engine_lock = asyncio.Lock()  # one engine load/unload at a time; never held while waiting
+        #: records of victims taken off the books for a load that has not unloaded them yet
+        self._evicted: dict[str, AdapterRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: called after every change of the bookkeeping (tests wait on it instead of sleeping)
         self.on_change: Callable[[], None] | None = None
@@ -147,7 +151,10 @@ class AdapterManager:
             self.metrics.queue_wait.labels(adapter_id).observe(0.0)
             return self._take(adapter_id), False
         if adapter_id not in self.loaded and adapter_id not in self.loading:
-            self.lookup(adapter_id)  # 404 for an unknown id before it waits
+            await asyncio.to_thread(self.lookup, adapter_id)  # 404 for an unknown id before it waits
+            if self.usable(adapter_id):  # loaded by another request meanwhile
+                self.metrics.queue_wait.labels(adapter_id).observe(0.0)
+                return self._take(adapter_id), False
         loop = asyncio.get_running_loop()
         waiter = _Waiter(adapter_id, loop.create_future(), time.perf_counter())
         self.waiters.append(waiter)
@@ -256,7 +263,7 @@ class AdapterManager:
     def _start_load(self, adapter_id: str, *, victim: str | None) -> None:
         """Reserve a slot for ``adapter_id`` now (evicting idle ``victim`` from the books), load in a task."""
         if victim is not None:
-            del self.loaded[victim]
+            self._evicted[victim] = self.loaded.pop(victim)  # put back if the load fails before the unload
         self.loading[adapter_id] = victim
         task = asyncio.get_running_loop().create_task(self._load_task(adapter_id, victim))
         self._tasks.add(task)
@@ -285,7 +292,7 @@ class AdapterManager:
         the victim is put back if it is still loaded in the engine."""
         started = time.perf_counter()
         try:
-            record = self.lookup(adapter_id)
+            record = await asyncio.to_thread(self.lookup, adapter_id)
             try:
                 await asyncio.to_thread(check_adapter_for_base, record, self.base)
             except Conflict:
@@ -294,16 +301,16 @@ class AdapterManager:
         except BaseException:
             self._restore(victim)
             raise
-        async with self._engine_lock:
-            if victim is not None:
-                try:
-                    await self.engine.unload_adapter(victim)
-                except BaseException:
-                    self._restore(victim)
-                    raise
-                self.metrics.evictions.labels(victim).inc()
-                self.metrics.loaded.set(len(self.loaded))
-            await self.engine.load_adapter(record)
+        if victim is not None:
+            try:
+                await self.engine.unload_adapter(victim)
+            except BaseException:
+                self._restore(victim)
+                raise
+            self._evicted.pop(victim, None)
+            self.metrics.evictions.labels(victim).inc()
+            self.metrics.loaded.set(len(self.loaded))
+        await self.engine.load_adapter(record)
         elapsed = time.perf_counter() - started
         self.load_seconds[adapter_id] = elapsed
         self.metrics.loads.labels(adapter_id).inc()
@@ -312,7 +319,7 @@ class AdapterManager:
 
     def _restore(self, victim: str | None) -> None:
         if victim is not None and victim not in self.loaded:
-            self.loaded[victim] = self.lookup(victim)
+            self.loaded[victim] = self._evicted.pop(victim)
             self.loaded.move_to_end(victim, last=False)  # first in line for the next eviction
 
     # -- the API the server uses ---------------------------------------------------------------------------
@@ -320,6 +327,7 @@ class AdapterManager:
     async def load(self, adapter_id: str) -> tuple[AdapterRecord, bool]:
         """Load ``adapter_id`` if it is not loaded (waiting for a slot like any request); returns its record
         and whether it was loaded now."""
+        await self.current(adapter_id)
         if adapter_id in self.loaded:
             self._touch(adapter_id)
             return self.loaded[adapter_id], False
@@ -329,7 +337,7 @@ class AdapterManager:
 
     async def unload(self, adapter_id: str) -> None:
         if adapter_id not in self.loaded or adapter_id in self.unloading:
-            self.lookup(adapter_id)  # 404 for ids the registry does not know
+            await asyncio.to_thread(self.lookup, adapter_id)  # 404 for ids the registry does not know
             raise NotFound(f"adapter '{adapter_id}' is not loaded")
         busy = self.in_use.get(adapter_id, 0)
         if busy:
@@ -338,8 +346,7 @@ class AdapterManager:
             )
         self.unloading.add(adapter_id)  # still holds its slot, takes no requests, is no victim
         try:
-            async with self._engine_lock:
-                await self.engine.unload_adapter(adapter_id)
+            await self.engine.unload_adapter(adapter_id)
         except BaseException:
             self.unloading.discard(adapter_id)
             self._pump()
@@ -349,6 +356,34 @@ class AdapterManager:
         self.metrics.unloads.labels(adapter_id).inc()
         self.metrics.loaded.set(len(self.loaded))
         self._pump()
+
+    async def current(self, adapter_id: str) -> AdapterRecord:
+        """The registry's record of ``adapter_id``, read off the event loop, checked against what is loaded.
+
+        A loaded adapter whose row is gone (``clara adapters rm``) or now names other files (another checksum
+        or base) is unloaded, so that the next use loads what the registry says; while requests still run on
+        the old weights the new request gets 503 ``adapter_changed`` (retry shortly) instead of them.
+        """
+        try:
+            record = await asyncio.to_thread(self.lookup, adapter_id)
+        except NotFound:
+            await self._retire(adapter_id, "was removed from the registry")
+            raise
+        loaded = self.loaded.get(adapter_id)
+        if loaded is not None and _identity(loaded) != _identity(record):
+            await self._retire(adapter_id, "changed in the registry (other files under this id)")
+        return record
+
+    async def _retire(self, adapter_id: str, why: str) -> None:
+        if adapter_id not in self.loaded or adapter_id in self.unloading:
+            return
+        busy = self.in_use.get(adapter_id, 0)
+        if busy:
+            raise AdapterChanged(
+                f"adapter '{adapter_id}' {why} while {busy} request(s) still run on its old weights; "
+                "retry when they are done"
+            )
+        await self.unload(adapter_id)
 
     @asynccontextmanager
     async def use(self, adapter_id: str | None) -> AsyncIterator[AdapterRecord | None]:
@@ -362,3 +397,8 @@ class AdapterManager:
             yield record
         finally:
             self._release(adapter_id)
+
+
+def _identity(record: AdapterRecord) -> tuple[str | None, str]:
+    """What makes two records of one id the same adapter: the files (checksum) and the base they fit."""
+    return record.adapter_checksum, record.base_model_hash

@@ -8,7 +8,9 @@ The shared state and the one generation path live in :mod:`.state`; the OpenAI-c
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,19 +20,22 @@ import attrs
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ClaraError
 from ..types import GenerationRequest
-from .errors import PayloadTooLarge, Unauthorized, error_body
+from .errors import PayloadTooLarge, RequestTimeout, Unauthorized, error_body
 from .openai_api import add_openai_routes
+from .params import Seed, Temperature, Text, TopP
 from .requestlog import RequestRecord
 from .state import ServerState, ServeSettings, closing, stop_list, usage
 from .streaming import DisconnectAwareStream, sse
 
 __all__ = ["LimitsMiddleware", "ServeSettings", "ServerState", "create_app"]
+
+log = logging.getLogger("clara.serve")
 
 # -- request bodies --------------------------------------------------------------------------------------------
 
@@ -40,21 +45,21 @@ class _Strict(BaseModel):
 
 
 class AdapterBody(_Strict):
-    adapter_id: StrictStr
+    adapter_id: Text
 
 
 class ActivateBody(_Strict):
-    adapter_id: StrictStr | None
+    adapter_id: Text | None
 
 
 class GenerateBody(_Strict):
-    prompt: StrictStr
-    adapter_id: StrictStr | None = None
+    prompt: Text
+    adapter_id: Text | None = None
     max_tokens: StrictInt = 64
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = None
     stream: StrictBool = False
     ignore_eos: StrictBool = False
 
@@ -73,58 +78,80 @@ def _error_headers(exc: ClaraError) -> dict[str, str] | None:
     return {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
-class LimitsMiddleware:
-    """API key (everything but ``/health``) and body size limit, before any body is parsed."""
+#: Sent with a 408: a client too slow to send its body is not waited for any longer.
+_CLOSE = {"Connection": "close"}
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+
+class LimitsMiddleware:
+    """API key (everything but ``/health``), body size limit and body deadline, before any body is parsed.
+
+    The body is read here, counting the bytes that actually arrive (a ``Content-Length`` that says otherwise,
+    or ``Transfer-Encoding: chunked`` beside it, changes nothing), and handed on only when complete and within
+    the limit.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, read_timeout: float = 20.0
+    ) -> None:
         self.app = app
-        self.api_key = api_key
+        self.api_key = api_key.encode("utf-8") if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health":
-            given = headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        if self.api_key is not None and scope["path"] != "/health":
+            # compared as bytes: a header may carry any byte, and no byte of it may raise here
+            given = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
                 error = Unauthorized(
                     "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's --api-key)"
                 )
                 await _json_response(error.http_status, error.code, error.message)(scope, receive, send)
                 return
-        length = headers.get("content-length")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length", "").strip()
         too_large = PayloadTooLarge(f"request body larger than the limit of {self.max_body_bytes} bytes")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length.isdigit() and int(length) > self.max_body_bytes:
             await _json_response(too_large.http_status, too_large.code, too_large.message)(
                 scope, receive, send
             )
             return
-        if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
+        if scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        if "json" not in headers.get("content-type", ""):
             # every body here is JSON; accept it from clients that leave the content type out (curl -d)
             scope = dict(scope)
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"] + [
                 (b"content-type", b"application/json")
             ]
-        if length is not None or scope["method"] in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
-            return
-        # no Content-Length (chunked upload): read the body here, up to the limit, then replay it
+        # read the body here, counting what arrives, up to the limit and the deadline, then replay it
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                await _json_response(too_large.http_status, too_large.code, too_large.message)(
-                    scope, receive, send
-                )
-                return
-            if not message.get("more_body"):
-                break
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away
+                    body += message.get("body", b"")
+                    if len(body) > self.max_body_bytes:
+                        # the rest is discarded as it arrives, for --read-timeout at most (see .protocol)
+                        await _json_response(too_large.http_status, too_large.code, too_large.message)(
+                            scope, receive, send
+                        )
+                        return
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            late = RequestTimeout(
+                f"the request body did not arrive within {self.read_timeout:g} s (--read-timeout)"
+            )
+            await _json_response(late.http_status, late.code, late.message, _CLOSE)(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -140,14 +167,24 @@ class LimitsMiddleware:
 # -- the app ---------------------------------------------------------------------------------------------------
 
 
+def _route(request: Request) -> str:
+    """The matched route's template (``/v1/completions``), or ``unmatched``: metric labels and logs never grow
+    with the paths clients invent."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     errors = exc.errors()
     if not errors:
         return "invalid request"
-    first = errors[0]
+    # a bound of ours (a ValueError of a validator) says more than "not a string" of a union's other branch
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    # union branches appear in the location as tags such as 'function-after[...]' or 'list[...]': not a field
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)) or "body"
     message = f"{loc}: {first.get('msg')}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
@@ -177,15 +214,21 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     ) -> JSONResponse:
         state.observe(
             RequestRecord(
-                request_id="", endpoint=request.url.path, status=status, error_code=code, selection="none"
+                request_id="", endpoint=_route(request), status=status, error_code=code, selection="none"
             )
         )
-        return _json_response(status, code, message, headers)
+        return respond(status, code, message, headers)
+
+    def respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        public = state.public(message)
+        if public != message:  # the operator's log keeps the paths a client does not get
+            log.warning("%s %s: %s", status, code, message)
+        return _json_response(status, code, public, headers)
 
     @app.exception_handler(ClaraError)
     async def clara_error(request: Request, exc: ClaraError) -> JSONResponse:
         if getattr(exc, "_clara_observed", False):
-            return _json_response(exc.http_status, exc.code, exc.message, _error_headers(exc))
+            return respond(exc.http_status, exc.code, exc.message, _error_headers(exc))
         return failed(request, exc.http_status, exc.code, exc.message, _error_headers(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -195,11 +238,15 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _json_response(exc.status_code, code, str(exc.detail))
+        return respond(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return failed(request, 500, "internal_error", f"internal error: {type(exc).__name__}: {exc}")
+        # a bug: the traceback goes to the server's log, the client gets the kind of error only
+        log.error("internal error on %s", _route(request), exc_info=exc)
+        return failed(
+            request, 500, "internal_error", f"internal error ({type(exc).__name__}); see the server log"
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -232,7 +279,7 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
     async def adapters() -> dict[str, Any]:
         loaded = {a["id"]: a for a in state.adapters.describe()}
         available = []
-        for record in state.list_adapters():
+        for record in await state.list_adapters_async():
             if record.base_model_hash != state.base.base_model_hash:
                 continue
             available.append(
@@ -320,6 +367,9 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
 
     add_openai_routes(app, state)
     app.add_middleware(
-        LimitsMiddleware, api_key=state.settings.api_key, max_body_bytes=state.settings.max_body_bytes
+        LimitsMiddleware,
+        api_key=state.settings.api_key,
+        max_body_bytes=state.settings.max_body_bytes,
+        read_timeout=state.settings.read_timeout,
     )
     return app

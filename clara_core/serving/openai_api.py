@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from ..errors import InvalidInput
 from ..types import GenerationChunk, GenerationRequest
+from .params import Seed, Temperature, Text, TopP, check_text
 from .state import AUTO, Generation, ServerState, closing, stop_list, usage
 from .streaming import DisconnectAwareStream, sse
 
@@ -22,19 +24,19 @@ class _OpenAIBody(BaseModel):
     # Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr
+    model: Text
     max_tokens: StrictInt | None = None
-    temperature: float | None = Field(None, ge=0.0, le=5.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = None
     stream: StrictBool = False
     n: StrictInt = 1
     stream_options: dict[str, Any] | None = None
 
 
 class CompletionBody(_OpenAIBody):
-    prompt: StrictStr | list[StrictStr]
+    prompt: Text | list[Text]
     echo: StrictBool = False
     logprobs: StrictInt | None = None
 
@@ -43,7 +45,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
 
 
 class ChatBody(_OpenAIBody):
@@ -67,7 +69,7 @@ def _message_text(message: ChatMessage) -> str:
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise InvalidInput("only text content parts are supported in chat messages")
-        parts.append(part["text"])
+        parts.append(check_text(part["text"], "messages: a text part"))
     return "".join(parts)
 
 
@@ -86,7 +88,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
             {"id": state.base.name, "object": "model", "created": created, "owned_by": "clara", "root": None}
         ]
         loaded = set(state.adapters.loaded)
-        for record in state.list_adapters():
+        for record in await state.list_adapters_async():
             if record.base_model_hash == state.base.base_model_hash:
                 data.append(
                     {
@@ -185,7 +187,7 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
         messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
         if not any(m["content"].strip() for m in messages):
             raise InvalidInput("the prompt is empty; the messages hold no text")
-        prompt = state.engine.render_chat(messages)
+        prompt = await asyncio.to_thread(state.engine.render_chat, messages)  # long messages: off the loop
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request = GenerationRequest(
             prompt=prompt,

@@ -5,15 +5,17 @@ the app and run it on uvicorn. Errors the user can fix surface before any model 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checks import check_adapter_for_base
+from ..checks import check_adapter_for_base, check_base_unchanged
 from ..errors import ClaraError, InvalidInput, first_line
 from ..plugins import PluginManager
 from ..registry import AdapterRecord, Registry
@@ -80,6 +82,25 @@ def load_router(plugins: PluginManager, name: str, workspace: Workspace) -> Rout
     return router
 
 
+class _ReadMostlyCache:
+    """The registry's per-file hash cache for the start-up check of the base: a cache entry that cannot be
+    written (read-only registry, full disk) costs a hash next time, never the start."""
+
+    def __init__(self, registry: Registry, on_miss: Callable[[str], None] | None = None) -> None:
+        self.registry = registry
+        self.on_miss = on_miss
+
+    def get(self, path: str, size: int, mtime_ns: int) -> str | None:
+        cached = self.registry.get(path, size, mtime_ns)
+        if cached is None and self.on_miss is not None:
+            self.on_miss(path)
+        return cached
+
+    def put(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        with contextlib.suppress(sqlite3.Error, ClaraError):
+            self.registry.put(path, size, mtime_ns, sha256)
+
+
 def prepare(
     workspace: Workspace,
     plugins: PluginManager,
@@ -89,8 +110,12 @@ def prepare(
     settings: ServeSettings,
     engine_options: Mapping[str, str] | None = None,
     observers: Sequence[RequestObserver] = (),
+    echo: Callable[[str], None] | None = None,
 ) -> ServerState:
-    """Resolve engine, base, router and preloaded adapters; build the engine (not started) and the state."""
+    """Resolve engine, base, router and preloaded adapters; build the engine (not started) and the state.
+
+    The base's files are checked against its registered hash first (``echo`` hears of each file that must be
+    hashed because it changed or was never hashed on this machine)."""
     if settings.max_loaded < 1:
         raise InvalidInput(f"--max-loaded must be at least 1, got {settings.max_loaded}")
     if settings.max_queue < 1:
@@ -103,6 +128,16 @@ def prepare(
     extra = parse_engine_options(registration.options, engine_options or {}, registration.name)
     with Registry.open(workspace.registry_path) as registry:
         base = registry.choose_base(base_name)
+
+        def on_miss(
+            path: str,
+        ) -> None:  # a changed file, or one never hashed on this machine: it takes a while
+            if echo is not None:
+                echo(
+                    f"clara: hashing {Path(path).name} of base '{base.name}' to check it against the registry ..."
+                )
+
+        check_base_unchanged(base, _ReadMostlyCache(registry, on_miss))
         if len(settings.preload) > settings.max_loaded:
             raise InvalidInput(
                 f"{len(settings.preload)} adapters to preload but --max-loaded is {settings.max_loaded}"
@@ -155,7 +190,16 @@ async def serve(
     import uvicorn
 
     app = create_app(state, manage_engine=False)
-    config = uvicorn.Config(app, lifespan="off", log_level=log_level, access_log=False, timeout_keep_alive=30)
+    from .protocol import protocol_with_head_timeout
+
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=30,
+        http=protocol_with_head_timeout(state.settings.read_timeout),
+    )
     server = uvicorn.Server(config)
     if server_box is not None:
         server_box.append(server)

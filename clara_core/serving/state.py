@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,12 +25,17 @@ from ..registry import AdapterRecord, BaseRecord
 from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouteRequest, RouterImpl
 from .adapters import DEFAULT_QUEUE_TIMEOUT, AdapterManager
 from .admission import Admission
-from .errors import EngineError, error_body
+from .errors import EngineError, error_body, redact_paths
 from .metrics import Metrics
+from .params import check_text
 from .requestlog import RequestObserver, RequestRecord
 from .streaming import sse
 
 AUTO = "auto"
+
+#: No tokenizer packs more characters than this into one token on real text: a prompt longer than this many
+#: characters per token of room is first counted on such a prefix (see ServerState.check_prompt_length).
+PREFIX_CHARS_PER_TOKEN = 64
 
 
 @attrs.define
@@ -42,6 +48,8 @@ class ServeSettings:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    #: Seconds a client has to send a request's head, and again its body; slower connections are closed.
+    read_timeout: float = 20.0
     #: Upper bound for ``max_tokens`` where the engine does not know its context length.
     max_tokens_limit: int = 4096
     engine_name: str = "transformers"
@@ -153,7 +161,10 @@ class ServerState:
     ) -> None:
         self.engine = engine
         self.base = base
-        self.lookup = lookup
+        #: server paths a client never sees (errors name ids instead): path -> what the client sees
+        self._hidden_paths: dict[str, str] = {}
+        self.hide_path(base.path, f"<base {base.name}>")
+        self._registry_lookup = lookup
         self.list_adapters = list_adapters
         self.settings = settings
         self.router = router
@@ -163,13 +174,39 @@ class ServerState:
         self.adapters = AdapterManager(
             engine,
             base,
-            lookup,
+            self.lookup,
             max_loaded=settings.max_loaded,
             metrics=self.metrics,
             queue_timeout=settings.queue_timeout,
         )
         self.default_adapter: str | None = None
         self.started_at = time.time()
+
+    # -- the registry (blocking reads: call them off the event loop) ---------------------------------------
+
+    def lookup(self, adapter_id: str) -> AdapterRecord:
+        """The registry's record of ``adapter_id`` (a blocking read; the server calls it in a thread)."""
+        record = self._registry_lookup(adapter_id)
+        self.hide_path(record.path, f"<adapter {record.id}>")
+        return record
+
+    async def lookup_async(self, adapter_id: str) -> AdapterRecord:
+        return await asyncio.to_thread(self.lookup, adapter_id)
+
+    async def list_adapters_async(self) -> list[AdapterRecord]:
+        return await asyncio.to_thread(self.list_adapters)
+
+    # -- what a client may see -----------------------------------------------------------------------------
+
+    def hide_path(self, path: Path | str, label: str) -> None:
+        """Show ``label`` instead of ``path`` (and its resolved form) in every error a client gets."""
+        self._hidden_paths[str(path)] = label
+        with contextlib.suppress(OSError, RuntimeError):
+            self._hidden_paths.setdefault(str(Path(path).resolve()), label)
+
+    def public(self, message: str) -> str:
+        """``message`` as a client may read it: ids and hashes, no server paths (the log keeps those)."""
+        return redact_paths(message, list(self._hidden_paths.items()))
 
     # -- observation ---------------------------------------------------------------------------------------
 
@@ -197,8 +234,7 @@ class ServerState:
             return Selection(decision.adapter_id, "routed", float(decision.score), dict(decision.scores))
         if self.is_base_name(requested):
             return Selection(None, "named")
-        self.lookup(requested)  # 404 / 422 before anything is reserved
-        return Selection(requested, "named")
+        return Selection(requested, "named")  # generation() checks it against the registry
 
     def max_tokens_limit(self) -> int:
         return self.engine.capabilities.max_model_len or self.settings.max_tokens_limit
@@ -223,6 +259,9 @@ class ServerState:
         request.request_id = record.request_id
         if not request.prompt or not request.prompt.strip():
             raise InvalidInput("the prompt is empty; send some text")
+        check_text(request.prompt, "prompt")  # also what a chat template made of the messages
+        for stop in request.stop:
+            check_text(stop, "stop")
         limit = self.max_tokens_limit()
         if not 1 <= request.max_tokens <= limit:
             raise InvalidInput(f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
@@ -233,18 +272,16 @@ class ServerState:
             selection.score,
         )
         request.adapter_id = selection.adapter_id
+        if selection.adapter_id is not None:
+            # 404 / 422 before anything is reserved; a loaded adapter whose registry row changed is retired
+            await self.adapters.current(selection.adapter_id)
         stack = AsyncExitStack()
         try:
             self.admission.enter()
             stack.callback(self.admission.leave)
             await stack.enter_async_context(self.adapters.use(selection.adapter_id))
             record.queue_seconds = time.perf_counter() - started
-            prompt_tokens = self.engine.count_tokens(request.prompt)
-            if prompt_tokens + request.max_tokens > limit:
-                raise InvalidInput(
-                    f"prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                    f"context of {limit} tokens"
-                )
+            await self.check_prompt_length(request.prompt, request.max_tokens, limit)
             chunks = self.engine.generate(request)
         except ClaraError as exc:
             await stack.aclose()
@@ -263,6 +300,29 @@ class ServerState:
             raise
         self.metrics.in_flight.set(self.admission.in_flight)
         return Generation(self, record, selection, chunks, stack, started)
+
+    async def check_prompt_length(self, prompt: str, max_tokens: int, limit: int) -> None:
+        """Refuse a prompt that does not fit the context with ``max_tokens``, tokenising off the event loop.
+
+        A prompt longer than :data:`PREFIX_CHARS_PER_TOKEN` characters per token of room is counted on that
+        prefix first: when the prefix alone does not fit, the rest is never tokenised (a 1 MiB prompt costs
+        a few milliseconds, not seconds of the tokenizer).
+        """
+        room = limit - max_tokens
+        prefix = max(room, 1) * PREFIX_CHARS_PER_TOKEN
+        if len(prompt) > prefix:
+            head = await asyncio.to_thread(self.engine.count_tokens, prompt[:prefix])
+            if head > room:
+                raise InvalidInput(
+                    f"the prompt ({len(prompt)} characters; its first {prefix} alone are {head} tokens) plus "
+                    f"max_tokens ({max_tokens}) exceeds the context of {limit} tokens; send a shorter prompt"
+                )
+        prompt_tokens = await asyncio.to_thread(self.engine.count_tokens, prompt)
+        if prompt_tokens > room:
+            raise InvalidInput(
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"context of {limit} tokens"
+            )
 
     def _refused(self, record: RequestRecord, exc: ClaraError, started: float) -> None:
         """Record a request that ended before its generation started (queue full or timed out, limits), with
@@ -287,7 +347,7 @@ async def closing(events: AsyncIterator[str], run: Generation) -> AsyncIterator[
         async for event in events:
             yield event
     except ClaraError as exc:
-        yield sse(error_body(exc.code, exc.message))
+        yield sse(error_body(exc.code, run.state.public(exc.message)))
     finally:
         aclose = getattr(events, "aclose", None)
         if aclose is not None:

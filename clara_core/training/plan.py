@@ -82,18 +82,24 @@ class ResolvedBase:
 
 
 def _registered_base_path(value: str, workspace: Workspace | None, registry: Registry) -> Path | None:
-    """``--base`` that is no folder: a registered base's name, or the convention's ``models/base/<name>``
-    for a base registered where it lies (``clara base add DIR --name NAME``)."""
+    """``--base`` that is no folder here: a registered base's name, a folder relative to the workspace's
+    root, or the convention's ``models/base/<name>`` for a base registered where it lies (``clara base add DIR
+    --name NAME``)."""
     if "/" not in value:
         with suppress(NotFound):
             return registry.get_base(value).path
         return None
     given = Path(value).expanduser()
-    if workspace is not None:
-        absolute = (given if given.is_absolute() else Path.cwd() / given).resolve()
-        if absolute.parent == workspace.base_dir.resolve():
+    if workspace is None:
+        return None
+    # a relative path is tried from the current folder and from the workspace's root ('clara -w WS train')
+    candidates = [given] if given.is_absolute() else [Path.cwd() / given, workspace.root / given]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+        if candidate.resolve().parent == workspace.base_dir.resolve():
             with suppress(NotFound):
-                return registry.get_base(absolute.name).path
+                return registry.get_base(candidate.name).path
     return None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clara_core.plugin_api import (
+    AdapterFiles,
     ClaraError,
     EngineCapabilities,
     EngineImpl,
@@ -30,6 +30,7 @@ from clara_core.plugin_api import (
     GenerationChunk,
     GenerationRequest,
     InvalidInput,
+    read_verified_adapter,
 )
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -185,30 +186,47 @@ class TransformersEngine(EngineImpl):
         return await asyncio.wrap_future(future)
 
     async def load_adapter(self, adapter: Any) -> None:
-        await self._call(lambda: self._load_adapter(adapter.id, Path(adapter.path)))
+        # read once, hash those bytes, load those bytes: a file swapped after the check is never served
+        files = await asyncio.to_thread(read_verified_adapter, adapter)
+        await self._call(lambda: self._load_adapter(adapter.id, files))
 
-    def _load_adapter(self, adapter_id: str, path: Path) -> None:
-        from peft import PeftModel
+    def _load_adapter(self, adapter_id: str, files: AdapterFiles) -> None:
+        from peft import PeftConfig, set_peft_model_state_dict
+        from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+        from peft.peft_model import PeftModel
+        from safetensors.torch import load as load_safetensors
 
         if adapter_id in self._dora:
             return
-        try:
-            config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ClaraError(
-                f"adapter '{adapter_id}': cannot read {path / 'adapter_config.json'}: {exc}"
-            ) from exc
+        config = files.config
         if config.get("peft_type", "LORA") != "LORA":
             raise InvalidInput(
                 f"adapter '{adapter_id}' is a {config.get('peft_type')} adapter; the transformers engine serves "
                 "LoRA and DoRA adapters"
             )
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(
-                self.model, str(path), adapter_name=adapter_id, is_trainable=False
+        try:
+            weights = load_safetensors(files.weights)
+            peft_config = PeftConfig.from_peft_type(
+                **{k: v for k, v in config.items() if k != "runtime_config"}
             )
+        except (
+            Exception
+        ) as exc:  # a corrupt file or a config PEFT rejects: this adapter fails, not the server
+            raise ClaraError(f"adapter '{adapter_id}' cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        peft_config.inference_mode = True
+        # what PeftModel.from_pretrained / load_adapter do, from the verified bytes instead of the folder
+        if self.peft is None:
+            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type or "", PeftModel)
+            self.peft = cls(self.model, peft_config, adapter_name=adapter_id)
         else:
-            self.peft.load_adapter(str(path), adapter_name=adapter_id, is_trainable=False)
+            self.peft.add_adapter(adapter_id, peft_config)
+        try:
+            set_peft_model_state_dict(self.peft, weights, adapter_name=adapter_id)
+        except Exception as exc:  # shapes that do not fit this base
+            self.peft.delete_adapter(adapter_id)
+            raise ClaraError(
+                f"adapter '{adapter_id}' does not fit the base: {type(exc).__name__}: {exc}"
+            ) from exc
         self.peft.to(self.device)
         self.peft.eval()
         self._active = None  # loading may change PEFT's active adapter
@@ -320,7 +338,8 @@ class TransformersEngine(EngineImpl):
             raise ClaraError("the engine is not started")
         if request.adapter_id is not None and request.adapter_id not in self._dora:
             raise ClaraError(f"adapter '{request.adapter_id}' is not loaded")
-        prompt_ids = self._encode(request.prompt, request.add_special_tokens)
+        # a long prompt takes a while to tokenise: never on the event loop, which serves everyone else
+        prompt_ids = await asyncio.to_thread(self._encode, request.prompt, request.add_special_tokens)
         if not prompt_ids:
             raise InvalidInput("the prompt is empty")
         limit = self.capabilities.max_model_len
@@ -432,8 +451,9 @@ class TransformersEngine(EngineImpl):
                 else ClaraError(f"generation failed: {type(exc).__name__}: {exc}")
             )
             for row in rows:
-                row.finished = True
-                row.send(error)
+                if not row.finished:  # rows that already ended (or failed alone) got their answer
+                    row.finished = True
+                    row.send(error)
             self._groups = [g for g in self._groups if not all(r.finished for r in g.rows)]
 
     def _prune(self) -> None:
@@ -507,6 +527,19 @@ class TransformersEngine(EngineImpl):
         from transformers import DynamicCache
 
         rows.sort(key=lambda r: r.adapter_name)  # contiguous slices per adapter (stable: arrival order kept)
+        for row in rows:
+            if row.request.temperature > 0:
+                try:
+                    row.generator = torch.Generator(device=self.device)
+                    if row.request.seed is not None:
+                        row.generator.manual_seed(row.request.seed)
+                    else:
+                        row.generator.seed()
+                except Exception as exc:  # e.g. a seed beyond 64 bits: this request fails, not its batch
+                    self._fail_row(row, exc)
+        rows[:] = [r for r in rows if not r.finished]
+        if not rows:
+            return
         length = max(len(r.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -515,13 +548,6 @@ class TransformersEngine(EngineImpl):
             n = len(row.prompt_ids)
             ids[i, length - n :] = torch.tensor(row.prompt_ids)
             mask[i, length - n :] = 1
-            seed = row.request.seed
-            if row.request.temperature > 0:
-                row.generator = torch.Generator(device=self.device)
-                if seed is not None:
-                    row.generator.manual_seed(seed)
-                else:
-                    row.generator.seed()
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
@@ -605,8 +631,15 @@ class TransformersEngine(EngineImpl):
         chosen = logits.argmax(-1).tolist()
         for i, row in enumerate(group.rows):
             request = row.request
+            if row.finished:
+                continue
             if request.temperature > 0:
-                chosen[i] = _sample(logits[i].float(), request.temperature, request.top_p, row.generator)
+                try:
+                    chosen[i] = _sample(logits[i].float(), request.temperature, request.top_p, row.generator)
+                except Exception as exc:  # this row's parameters broke sampling: only this request fails
+                    row.generated.append(int(chosen[i]))  # keeps the row decodable until it is pruned
+                    self._fail_row(row, exc)
+                    continue
             token = int(chosen[i])
             row.generated.append(token)
             finish = None
@@ -615,6 +648,16 @@ class TransformersEngine(EngineImpl):
             elif len(row.generated) >= request.max_tokens:
                 finish = "length"
             self._emit(row, finish)
+
+    @staticmethod
+    def _fail_row(row: _Sequence, exc: BaseException) -> None:
+        """End one request with an error; the rest of its batch goes on (the row is pruned at the next step)."""
+        row.finished = True
+        row.send(
+            exc
+            if isinstance(exc, ClaraError)
+            else ClaraError(f"generation failed: {type(exc).__name__}: {exc}")
+        )
 
     def _emit(self, row: _Sequence, finish: str | None) -> None:
         request = row.request
@@ -661,7 +704,14 @@ def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> in
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = sorted_probs.cumsum(-1)
-        keep = cumulative - sorted_probs < top_p  # always keeps the most likely token
+        keep = cumulative - sorted_probs < top_p
+        keep[0] = True  # always keeps the most likely token (top_p below float precision included)
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    total = probs.sum()
+    if not bool(torch.isfinite(probs).all()) or not total > 0:
+        raise InvalidInput(
+            f"temperature {temperature:g} and top_p {top_p:g} leave no token to sample from; "
+            "use temperature 0 (greedy) or a larger one"
+        )
+    return int(torch.multinomial(probs / total, 1, generator=generator))

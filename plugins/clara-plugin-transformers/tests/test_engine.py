@@ -9,7 +9,8 @@ from typing import Any
 import attrs
 import pytest
 
-from clara_core.errors import ClaraError, InvalidInput
+from clara_core import hashing
+from clara_core.errors import ClaraError, Conflict, InvalidInput
 from clara_core.plugins import PluginManager
 from clara_core.types import EngineOptions, GenerationRequest
 
@@ -24,8 +25,13 @@ class Base:
 
 @attrs.define
 class Adapter:
+    """What the engine reads of a registry record: id, folder and the checksum registered for it."""
+
     id: str
     path: Path
+    adapter_checksum: str = attrs.field(
+        default=attrs.Factory(lambda self: hashing.adapter_checksum(self.path), takes_self=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +195,115 @@ def test_cancelled_request_leaves_the_batch_and_unload_frees_the_adapter(models:
         assert text is not None
         await engine.load_adapter(Adapter("lora0", models["lora0"]))
         assert engine.base_loads == 1 and engine.adapter_loads == 2
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_engine_loads_the_bytes_it_checked_and_refuses_changed_files(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The checksum is taken of the bytes that are loaded: a folder whose weights are another adapter's is
+    refused (409) instead of serving those weights under the checked id, and the engine goes on serving."""
+    import shutil
+
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        expected, _ = await run_loaded(engine, "lora0", models["lora0"])
+        swapped = tmp_path / "swapped"
+        shutil.copytree(models["lora0"], swapped)
+        registered = hashing.adapter_checksum(swapped)
+        shutil.copy(models["lora1"] / "adapter_model.safetensors", swapped / "adapter_model.safetensors")
+        with pytest.raises(Conflict, match="files changed since registration"):
+            await engine.load_adapter(Adapter("victim", swapped, registered))
+        assert "victim" not in engine.loaded_adapters()
+        with pytest.raises(Conflict, match="no registered checksum"):
+            await engine.load_adapter(Adapter("unchecked", models["lora2"], ""))
+        text, _ = await run(engine, PROMPTS[0], "lora0", max_tokens=10)
+        assert text == expected
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_adapters_loaded_from_bytes_match_peft_loading_the_folder(models: dict[str, Path]) -> None:
+    """Loading from the verified buffer computes what PEFT's own from_pretrained computes from the folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = ("lora0", "dora", "with_head")
+
+    async def served() -> dict[str, str]:
+        engine = make_engine(models)
+        await engine.start()
+        for name in names:
+            await engine.load_adapter(Adapter(name, models[name]))
+        out = {
+            name: (await run(engine, PROMPTS[2], name, max_tokens=8, ignore_eos=True))[0] for name in names
+        }
+        await engine.shutdown()
+        return out
+
+    texts = asyncio.run(served())
+    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    ids = tokenizer(PROMPTS[2], return_tensors="pt")
+    for name in names:
+        model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(model, str(models[name])).eval()
+        with torch.no_grad():
+            generated = peft_model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        expected = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert texts[name] == expected, name
+
+
+async def run_loaded(engine: Any, name: str, path: Path) -> tuple[str, Any]:
+    await engine.load_adapter(Adapter(name, path))
+    return await run(engine, PROMPTS[0], name, max_tokens=10)
+
+
+def test_a_request_whose_parameters_break_sampling_fails_alone(models: dict[str, Path]) -> None:
+    """Rows with a seed beyond 64 bits or a temperature of 1e-45, admitted in the same step as innocent
+    requests, fail on their own; every other request gets the answer it gets alone. A top_p of 1e-300 (0 in
+    float32) keeps the most likely token instead of leaving none."""
+    import threading
+
+    bad = [{"seed": 2**64, "temperature": 1.0}, {"temperature": 1e-45}, {"temperature": 1.0, "top_p": 1e-300}]
+
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        await engine.load_adapter(Adapter("lora0", models["lora0"]))
+        innocent = [(PROMPTS[i % 4], ("lora0", None)[i % 2]) for i in range(6)]
+        alone = [(await run(engine, p, a, max_tokens=12, ignore_eos=True))[0] for p, a in innocent]
+        entered, gate = threading.Event(), threading.Event()
+
+        def block_worker() -> None:
+            entered.set()
+            gate.wait()
+
+        hold = asyncio.ensure_future(engine._call(block_worker))  # the worker waits: all arrive in one step
+        await asyncio.to_thread(entered.wait, 60)
+        jobs = [run(engine, p, a, max_tokens=12, ignore_eos=True) for p, a in innocent]
+        jobs += [run(engine, PROMPTS[0], None, max_tokens=12, **params) for params in bad]
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        for _ in range(500):
+            if engine.health()["waiting"] == len(tasks):
+                break
+            await asyncio.sleep(0.01)
+        assert engine.health()["waiting"] == len(tasks)
+        gate.set()
+        await hold
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r[0] if isinstance(r, tuple) else r for r in results[: len(innocent)]] == alone
+        seed_row, temperature_row, top_p_row = results[len(innocent) :]
+        assert isinstance(seed_row, ClaraError) and "Overflow" in str(seed_row), seed_row
+        assert isinstance(temperature_row, InvalidInput) and "no token to sample" in str(temperature_row)
+        greedy, _ = await run(engine, PROMPTS[0], None, max_tokens=12, ignore_eos=True)
+        assert isinstance(top_p_row, tuple) and top_p_row[0] == greedy  # keeps the most likely token only
+        text, _ = await run(engine, PROMPTS[1], "lora0", max_tokens=4)  # the engine serves on
+        assert text
         await engine.shutdown()
 
     asyncio.run(main())
