@@ -104,12 +104,63 @@ def baseline(base: Path, adapter: Path, dev: Path, window: int) -> dict:
     }
 
 
+def throughput(ws: Path, base: Path, folder: Path, dev: Path, args: argparse.Namespace) -> dict:
+    from clara_core.tinymodels import random_lora_adapter
+
+    adapter = folder / "adapter-throughput"
+    if not (adapter / "adapter_config.json").is_file():
+        random_lora_adapter(base, adapter, rank=8, seed=0, scale=0.02)
+        clara(ws, "adapters", "register", str(adapter), "--domain", "bench", "--method", "lora")
+    ours = json.loads(
+        clara(
+            ws,
+            "eval",
+            "bench-lora-r8-v1",
+            "--dev",
+            str(dev),
+            "--window",
+            str(args.window),
+            "--batch-size",
+            str(args.batch_size),
+            "--json",
+        )
+    )["rows"][0]
+    plain = baseline(base, adapter, dev, args.window)
+    rel = abs(ours["metrics"]["ppl"] - plain["ppl"]) / plain["ppl"]
+    tps = ours["details"]["tokens_per_second"]
+    result: dict = {
+        "clara_eval": {
+            "ppl": ours["metrics"]["ppl"],
+            "tokens_per_second": tps,
+            "seconds": ours["details"]["seconds"],
+        },
+        "baseline": plain,
+        "speedup": tps / plain["tps"],
+        "ppl_rel_diff": rel,
+    }
+    print(
+        f"dev set {dev} ({ours['details']['texts']} texts, {ours['details']['tokens']:,} scored tokens), window {args.window}"
+    )
+    print(f"{'variant':<40} {'tokens/s':>10} {'vs baseline':>12} {'ppl':>12}")
+    print(
+        f"{'baseline: one forward per window':<40} {plain['tps']:>10,.0f} {'1.00x':>12} {plain['ppl']:>12.6f}"
+    )
+    print(
+        f"{'clara eval (batched, longest first)':<40} {tps:>10,.0f} {tps / plain['tps']:>11.2f}x {ours['metrics']['ppl']:>12.6f}"
+    )
+    print(f"ppl relative difference {rel:.2e} ({'ok' if rel < 1e-4 else 'ABOVE 1e-4'})")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per matrix adapter")
     parser.add_argument("--no-matrix", action="store_true")
+    parser.add_argument("--no-throughput", action="store_true", help="only the matrix (part 2)")
+    parser.add_argument("--train-batch", type=int, default=16, help="batch size of the matrix adapters")
+    parser.add_argument("--train-seq", type=int, default=256, help="--max-seq-len of the matrix adapters")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--limit",
@@ -123,7 +174,7 @@ def main() -> None:
 
     import torch
 
-    from clara_core.tinymodels import build_llama, random_lora_adapter
+    from clara_core.tinymodels import build_llama
     from clara_core.workspace import Workspace
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench-eval-"))
@@ -148,27 +199,6 @@ def main() -> None:
     dev = dev_set("steuerrecht")
 
     # Part 1: throughput against the plain loop
-    adapter = folder / "adapter-throughput"
-    if not (adapter / "adapter_config.json").is_file():
-        random_lora_adapter(base, adapter, rank=8, seed=0, scale=0.02)
-        clara(ws, "adapters", "register", str(adapter), "--domain", "bench", "--method", "lora")
-    ours = json.loads(
-        clara(
-            ws,
-            "eval",
-            "bench-lora-r8-v1",
-            "--dev",
-            str(dev),
-            "--window",
-            str(args.window),
-            "--batch-size",
-            str(args.batch_size),
-            "--json",
-        )
-    )["rows"][0]
-    plain = baseline(base, adapter, dev, args.window)
-    rel = abs(ours["metrics"]["ppl"] - plain["ppl"]) / plain["ppl"]
-    tps = ours["details"]["tokens_per_second"]
     result: dict = {
         "machine": {
             "platform": platform.platform(),
@@ -181,26 +211,9 @@ def main() -> None:
         "window": args.window,
         "limit": args.limit,
         "batch_size": args.batch_size,
-        "clara_eval": {
-            "ppl": ours["metrics"]["ppl"],
-            "tokens_per_second": tps,
-            "seconds": ours["details"]["seconds"],
-        },
-        "baseline": plain,
-        "speedup": tps / plain["tps"],
-        "ppl_rel_diff": rel,
     }
-    print(
-        f"dev set {dev} ({ours['details']['texts']} texts, {ours['details']['tokens']:,} scored tokens), window {args.window}"
-    )
-    print(f"{'variant':<40} {'tokens/s':>10} {'vs baseline':>12} {'ppl':>12}")
-    print(
-        f"{'baseline: one forward per window':<40} {plain['tps']:>10,.0f} {'1.00x':>12} {plain['ppl']:>12.6f}"
-    )
-    print(
-        f"{'clara eval (batched, longest first)':<40} {tps:>10,.0f} {tps / plain['tps']:>11.2f}x {ours['metrics']['ppl']:>12.6f}"
-    )
-    print(f"ppl relative difference {rel:.2e} ({'ok' if rel < 1e-4 else 'ABOVE 1e-4'})")
+    if not args.no_throughput:
+        result.update(throughput(ws, base, folder, dev, args))
 
     # Part 2: the matrix
     if not args.no_matrix:
@@ -211,7 +224,7 @@ def main() -> None:
                 clara(
                     ws, "train", "--base", "bench-llama", "--domain", domain, "--method", "lora", "--rank", "8",
                     "--dataset", str(data / domain / "train.jsonl"), "--max-steps", str(args.steps),
-                    "--max-seq-len", "256", "--batch-size", "16", "--lr", "3e-3",
+                    "--max-seq-len", str(args.train_seq), "--batch-size", str(args.train_batch), "--lr", "3e-3",
                 )  # fmt: skip
                 existing = json.loads(clara(ws, "adapters", "list", "--domain", domain, "--json"))
             ids.append(existing[-1]["id"])
