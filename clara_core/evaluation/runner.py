@@ -640,6 +640,8 @@ def plot_matrix(
     value = {(r.target, r.details["domain"]): r.metrics[metric] for r in rows}
     grid = [[value[(n, d)] for d in domains] for n in names]
     lower = metric in LOWER_IS_BETTER
+    low = min(min(r) for r in grid)
+    span = (max(max(r) for r in grid) - low) or 1.0
     fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(domains), 1.2 + 0.5 * len(names)))
     image = ax.imshow(grid, cmap="viridis_r" if lower else "viridis", aspect="auto")
     ax.set_xticks(range(len(domains)), labels=list(domains), rotation=30, ha="right")
@@ -654,7 +656,8 @@ def plot_matrix(
                 f"{v:.2f}{'*' if v == best else ''}",
                 ha="center",
                 va="center",
-                color="white",
+                # dark text on the bright (yellow) end of viridis, white on the dark end
+                color="black" if ((v - low) / span < 0.5) == lower else "white",
                 fontsize=8,
                 fontweight="bold" if v == best else "normal",
             )
