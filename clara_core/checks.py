@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import hashing
+from .compat import adapter_init, base_changing_init
 from .errors import Conflict, InvalidInput
 from .hashing import AdapterFiles, HashCache
 from .registry import AdapterRecord, BaseRecord
@@ -25,6 +26,14 @@ def check_adapter_for_base(adapter: AdapterRecord, base: BaseRecord) -> str:
         raise Conflict(
             f"adapter '{adapter.id}' was made for base {adapter.base_model_hash[:12]}, "
             f"but the served base '{base.name}' is {base.base_model_hash[:12]}; serve its base or pick another adapter"
+        )
+    # The files decide (the checksum below covers adapter_config.json); an imported row may lack peft_config.
+    init = adapter_init(adapter.path)
+    if base_changing_init(init) is not None:
+        raise Conflict(
+            f"adapter '{adapter.id}' was saved with init_lora_weights {init!r}, which changed the base's weights "
+            "while it trained, so it does not fit the unchanged base; train it again with clara (which saves it "
+            "converted to a plain LoRA) or convert it with PEFT and register the converted folder"
         )
     try:
         actual = hashing.adapter_checksum(adapter.path)

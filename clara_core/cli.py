@@ -149,6 +149,9 @@ def _register_core_commands() -> None:
     from .commands.serve import serve
 
     cli.add_command(serve)
+    from .commands.report import report
+
+    cli.add_command(report)
 
 
 _register_core_commands()

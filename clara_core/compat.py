@@ -39,7 +39,8 @@ def base_shapes(base_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _adapter_init(adapter_path: Path) -> object:
+def adapter_init(adapter_path: Path) -> object:
+    """``init_lora_weights`` from the folder's adapter_config.json (``None`` when unreadable)."""
     try:
         config = json.loads((adapter_path / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -82,7 +83,7 @@ def adapter_base_mismatches(adapter_path: Path, base_path: Path, limit: int = 3)
     adapter = safetensors_shapes(adapter_path / "adapter_model.safetensors")
     base = base_shapes(base_path)
     problems: list[str] = []
-    init = _adapter_init(adapter_path)
+    init = adapter_init(adapter_path)
     if base_changing_init(init) is not None:
         problems.append(
             f"its init_lora_weights {init!r} changed the base's weights while it was trained, so it fits only "

@@ -588,7 +588,11 @@ class EngineImpl(abc.ABC):
     async def load_adapter(self, adapter: AdapterRecord) -> None:
         """Make the adapter (its folder is ``adapter.path``) available under ``adapter.id``, without
         reloading the base. Raise :class:`clara_core.errors.ClaraError` for adapters this engine cannot
-        serve (the message says what to do)."""
+        serve (the message says what to do).
+
+        Loads and unloads of *different* adapters may run at the same time (the server queues requests for
+        adapter slots and does not serialise the engine); the same adapter is never loaded and unloaded at
+        once, and an evicted adapter is loaded again only after its unload has returned."""
 
     @abc.abstractmethod
     async def unload_adapter(self, adapter_id: str) -> None:

@@ -186,17 +186,17 @@ class Workspace:
             yield target
 
     def staging_leftovers(self) -> list[StagingLeftover]:
-        """Folders in ``metadata/tmp`` whose owner is gone: its process died (its marker is no longer locked) or,
-        for folders without a marker, the pid in its name is gone and it is older than
-        :data:`UNMARKED_STALE_AFTER_S`."""
+        """Folders in ``metadata/tmp`` whose owner is gone: its process died (its marker is no longer locked), or
+        a folder without a marker names a pid that is gone (``train-<pid>-...``; ``removable`` only once it is
+        older than :data:`UNMARKED_STALE_AFTER_S`)."""
         if not self.tmp_dir.is_dir():
             return []
         leftovers = []
         for folder in sorted(self.tmp_dir.iterdir()):
             if folder.is_dir() and not folder.is_symlink():
-                owner, abandoned = _owner(folder)
-                if abandoned:
-                    leftovers.append(StagingLeftover(folder, owner, _tree_size(folder)))
+                owner, state = _owner(folder)
+                if state != "running":
+                    leftovers.append(StagingLeftover(folder, owner, _tree_size(folder), state == "abandoned"))
         return leftovers
 
     def remove_abandoned_staging(self) -> list[StagingLeftover]:
@@ -205,9 +205,10 @@ class Workspace:
             leftovers = self.staging_leftovers()
         except OSError:
             return []
-        for leftover in leftovers:
+        removable = [leftover for leftover in leftovers if leftover.removable]
+        for leftover in removable:
             shutil.rmtree(leftover.path, ignore_errors=True)
-        return leftovers
+        return removable
 
 
 #: Owner marker inside every staging folder (see :meth:`Workspace.staging`).
@@ -226,6 +227,9 @@ class StagingLeftover:
     path: Path
     owner: str
     size_bytes: int
+    #: True when clara removes it at the next staging; False for a folder without an owner marker that changed
+    #: within :data:`UNMARKED_STALE_AFTER_S` (reported only).
+    removable: bool = True
 
 
 def _claim(folder: Path) -> IO[str]:
@@ -253,15 +257,16 @@ def _claim(folder: Path) -> IO[str]:
     return handle
 
 
-def _owner(folder: Path) -> tuple[str, bool]:
-    """Who owns the staging ``folder``, in words, and whether it is abandoned."""
+def _owner(folder: Path) -> tuple[str, str]:
+    """Who owns the staging ``folder``, in words, and its state: ``running``, ``abandoned`` (remove it) or
+    ``suspect`` (no marker, its pid is gone, but it changed recently: report it only)."""
     marker = folder / OWNER_FILE
     try:
         handle = open(marker, encoding="utf-8")  # noqa: SIM115 - closed below, after the lock test
     except FileNotFoundError:
         return _unmarked_owner(folder)
     except OSError:
-        return "unknown owner (unreadable marker)", False
+        return "unknown owner (unreadable marker)", "running"
     with handle:
         try:
             info = json.loads(handle.read() or "{}")
@@ -271,25 +276,28 @@ def _owner(folder: Path) -> tuple[str, bool]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f"pid {pid} (running)", False
+            return f"pid {pid} (running)", "running"
         except OSError:  # no flock on this file system: the pid, its start time and the host decide
             alive = (
                 info.get("host") != socket.gethostname()
                 or not isinstance(pid, int)
                 or (_pid_alive(pid) and _process_start(pid) in (None, info.get("started")))
             )
-            return f"pid {pid} ({'running' if alive else 'gone'})", not alive
-        return f"pid {pid} (gone)", True  # the lock is free: its process died without cleaning up
+            return f"pid {pid} ({'running' if alive else 'gone'})", "running" if alive else "abandoned"
+        return f"pid {pid} (gone)", "abandoned"  # the lock is free: its process died without cleaning up
 
 
-def _unmarked_owner(folder: Path) -> tuple[str, bool]:
+def _unmarked_owner(folder: Path) -> tuple[str, str]:
     match = _PID_IN_NAME.match(folder.name)
     pid = int(match["pid"] or match["last"]) if match else None
     if pid is not None and _pid_alive(pid):
-        return f"pid {pid} (running)", False
+        return f"pid {pid} (running)", "running"
     age = time.time() - _newest_mtime(folder)
     who = f"pid {pid} (gone)" if pid is not None else "unknown owner"
-    return f"{who}, unchanged for {age / 3600:.0f} h", age > UNMARKED_STALE_AFTER_S
+    if age > UNMARKED_STALE_AFTER_S:
+        return f"{who}, unchanged for {age / 3600:.0f} h", "abandoned"
+    # recent and unmarked: a folder being made right now, or one whose pid lives in another container
+    return f"{who}, changed {age / 60:.0f} min ago", "suspect" if pid is not None else "running"
 
 
 def _pid_alive(pid: int) -> bool:

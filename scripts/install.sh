@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install clara into a virtual environment (default .venv) with the default plugins.
-#   scripts/install.sh          clara-core (extras ml, serve, eval) + lora, qlora and transformers plugins
+#   scripts/install.sh          clara-core + lora, qlora and transformers plugins
 #   scripts/install.sh --dev    also the test tools and every plugin that can be installed here
 # torch is installed first and pinned (CLARA_TORCH, default torch==2.13.0, the CPU build on a CPU machine),
 # so that nothing later pulls a multi-GB CUDA build; an already installed torch is kept.
@@ -21,7 +21,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install --disable-pip-version-check -q "${CLARA_TORCH:-torch==2.13.0}"
 fi
 echo "Installing clara and its default plugins ..." >&2
-"${pip[@]}" -e ".[ml,serve,eval]" \
+"${pip[@]}" -e ".[ml,serve,plot]" \
   -e plugins/clara-plugin-lora \
   -e plugins/clara-plugin-qlora \
   -e plugins/clara-plugin-transformers

@@ -240,7 +240,9 @@ def test_create_refuses_a_factory_that_builds_the_wrong_thing_and_names_the_plug
 
 
 def test_trainer_method_with_object_as_factory_is_refused_at_create():
-    with pytest.raises(PluginError, match=r"trainer method 'x' .*not an instance of clara_core.plugin_api.TrainerMethodImpl"):
+    with pytest.raises(
+        PluginError, match=r"trainer method 'x' .*not an instance of clara_core.plugin_api.TrainerMethodImpl"
+    ):
         TrainerMethod("x", object).create()
 
 

@@ -26,7 +26,7 @@ import pytest
 from click.testing import Result
 
 from clara_core import registry_db
-from clara_core.errors import RegistryCorrupt, RegistryLocked
+from clara_core.errors import RegistryCorrupt, RegistryDiskFull, RegistryLocked, RegistryReadOnly
 from clara_core.registry import Registry
 from clara_core.workspace import OWNER_FILE, Workspace
 
@@ -387,9 +387,12 @@ def test_an_unmarked_leftover_is_removed_only_when_its_pid_is_gone_and_it_is_old
     for folder in (old_dead, old_alive):
         for path in [folder, *folder.rglob("*")]:
             os.utime(path, (day_ago, day_ago))
-    assert [leftover.path for leftover in workspace_with_base.staging_leftovers()] == [old_dead]
+    unnamed = tmp / "tmpabc123"  # no pid, recent: possibly being made right now, never reported
+    unnamed.mkdir()
+    leftovers = {leftover.path: leftover.removable for leftover in workspace_with_base.staging_leftovers()}
+    assert leftovers == {old_dead: True, fresh_dead: False}  # the fresh one is reported, not removed
     workspace_with_base.remove_abandoned_staging()
-    assert not old_dead.exists() and fresh_dead.exists() and old_alive.exists()
+    assert not old_dead.exists() and fresh_dead.exists() and old_alive.exists() and unnamed.exists()
 
 
 # -- 19 (and 18's full disk): a full disk ------------------------------------------------------------------------
@@ -476,8 +479,16 @@ def test_a_full_disk_keeps_reads_working_and_a_write_says_the_disk_is_full(
     assert run("base", "add", str(tiny_base_dir), "--name", "tiny").exit_code == 0
     first = write_fake_adapter(tmp_path / "made" / "one", tiny_base_dir)
     assert run("adapters", "register", str(first), "--domain", "steuerrecht").exit_code == 0
+    server_like = Registry.open(ws.registry_path)  # open before the disk fills up, as a running server is
     fill(small_disk)
     assert shutil.disk_usage(small_disk).free < 64 * 1024
+
+    # a connection that was open already: its write hits SQLITE_FULL, its reads go on
+    full = pytest.raises(RegistryDiskFull, match="no space left on the disk holding .*Free some space")
+    with full, server_like.transaction():
+        server_like.audit("test.blob", "x", {"blob": "x" * (2 << 20)})
+    assert [r.id for r in server_like.list_adapters()] == ["steuerrecht-lora-r4-v1"]
+    server_like.close()
 
     listing = run("adapters", "list")
     assert listing.exit_code == 0, listing.output
@@ -530,3 +541,27 @@ def test_a_full_disk_during_a_real_copy_removes_the_partial_copy(
     with Registry.open(ws.registry_path) as registry:
         assert registry.list_adapters() == []
     assert json.loads((large / "adapter_config.json").read_text())["r"] == 4  # the source is untouched
+
+
+@pytest.mark.parametrize(
+    ("code", "name", "kind", "words"),
+    [
+        (5, "SQLITE_BUSY", RegistryLocked, "locked by another process"),
+        (8, "SQLITE_READONLY", RegistryReadOnly, "cannot write"),
+        (13, "SQLITE_FULL", RegistryDiskFull, "no space left"),
+        (11, "SQLITE_CORRUPT", RegistryCorrupt, ".recover"),
+        (26, "SQLITE_NOTADB", RegistryCorrupt, ".recover"),
+    ],
+)
+def test_each_storage_fault_has_its_own_error_class_and_words(
+    tmp_path: Path, code: int, name: str, kind: type, words: str
+) -> None:
+    exc = sqlite3.OperationalError("some words from SQLite")
+    exc.sqlite_errorcode, exc.sqlite_errorname = code, name  # type: ignore[attr-defined]
+    error = registry_db.classify(exc, tmp_path / "registry.db", waited=5)
+    assert isinstance(error, kind) and words in str(error) and str(tmp_path / "registry.db") in str(error)
+    if kind is not RegistryCorrupt:
+        no_destructive_advice(str(error))
+    constraint = sqlite3.IntegrityError("UNIQUE constraint failed: adapters.id")
+    constraint.sqlite_errorcode = 2067  # type: ignore[attr-defined]  # SQLITE_CONSTRAINT_UNIQUE: not storage
+    assert registry_db.classify(constraint, tmp_path / "registry.db") is constraint

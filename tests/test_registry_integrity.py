@@ -430,3 +430,52 @@ def test_rm_never_deletes_a_base_another_adapter_or_a_workspace_folder(
     assert result.exit_code == 0 and "holds or lies in another model" in result.output
     assert (base_in_ws / "config.json").is_file() and ws.registry_path.is_file()
     assert (ws.adapters_dir / "steuerrecht" / "lora-r4-v1" / "adapter_model.safetensors").is_file()
+
+
+def test_train_refuses_an_out_dir_whose_id_was_removed_before_it_trains(
+    run_cli, workspace_with_base, fake_adapter, monkeypatch, plugin_manager
+):
+    import clara_plugin_lora
+
+    plugin_manager.register(clara_plugin_lora)
+    ws = workspace_with_base
+    assert run_cli("adapters", "register", str(fake_adapter()), "--domain", "steuerrecht").exit_code == 0
+    assert run_cli("adapters", "rm", "steuerrecht-lora-r4-v1", "--yes").exit_code == 0
+    dataset = ws.root / "steuer.jsonl"
+    dataset.write_text('{"text": "Die Einkommensteuer bemisst sich nach dem zu versteuernden Einkommen."}\n')
+    monkeypatch.chdir(ws.root)
+    result = run_cli(
+        "train", "--base", "tiny", "--domain", "steuerrecht", "--rank", "4", "--dataset", str(dataset),
+        "--out-dir", "models/adapters/steuerrecht/lora-r4-v1",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert (
+        "belonged to an adapter removed on" in result.output and "choose another --out-dir" in result.output
+    )
+    assert "Traceback" not in result.output
+    assert not (ws.adapters_dir / "steuerrecht" / "lora-r4-v1").exists()
+    runs = ws.root / "metadata" / "runs"
+    assert not runs.exists() or not list(runs.iterdir())  # refused before a run folder was made
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_serving_refuses_an_adapter_whose_files_say_its_init_changed_the_base(
+    run_cli, workspace_with_base, fake_adapter, init
+):
+    # However such a folder got a row (import-json of an old registry, a hand edit), the check before every
+    # load refuses it: its weights only fit the base as PEFT rewrote it during training.
+    from clara_core.checks import check_adapter_for_base
+    from clara_core.errors import Conflict
+
+    ws = workspace_with_base
+    assert run_cli("adapters", "register", str(fake_adapter()), "--domain", "steuerrecht").exit_code == 0
+    with Registry.open(ws.registry_path) as registry:
+        record = registry.get_adapter("steuerrecht-lora-r4-v1")
+        base = registry.get_base("tiny")
+    check_adapter_for_base(record, base)  # fits as registered
+    config_path = record.path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["init_lora_weights"] = init
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(Conflict, match=rf"init_lora_weights '{init}', which changed the base's weights"):
+        check_adapter_for_base(record, base)

@@ -55,6 +55,8 @@ class HoldingEngine(EngineImpl):
     async def start(self) -> None:
         self.started += 1
         self.release = asyncio.Event()
+        self.unload_open = asyncio.Event()  # cleared by a test: unloads wait until it is set again
+        self.unload_open.set()
         self.loop = asyncio.get_running_loop()
 
     async def load_adapter(self, adapter: Any) -> None:
@@ -62,6 +64,7 @@ class HoldingEngine(EngineImpl):
         self.load_order.append(adapter.id)
 
     async def unload_adapter(self, adapter_id: str) -> None:
+        await self.unload_open.wait()
         self.loaded.remove(adapter_id)
 
     def loaded_adapters(self) -> list[str]:
@@ -232,17 +235,21 @@ class Watch:
         self.condition = threading.Condition()
         self.waiting: list[str] = []
         self.draining: dict[str, str] = {}
+        self.loading: list[str] = []
+        self.evicting: set[str] = set()
         self.manager.on_change = self.changed
 
     def changed(self) -> None:
         with self.condition:
             self.waiting = [w.adapter_id for w in self.manager.waiters]
             self.draining = dict(self.manager.draining)
+            self.loading = list(self.manager.loading)
+            self.evicting = set(self.manager.evicting)
             self.condition.notify_all()
 
     def until(self, predicate: Callable[[Watch], bool]) -> None:
         with self.condition:
-            assert self.condition.wait_for(lambda: predicate(self), timeout=30), (self.waiting, self.draining)
+            assert self.condition.wait_for(lambda: predicate(self), timeout=30), vars(self)
 
 
 def close(held: tuple[httpx.Client, Any, Any]) -> None:
@@ -506,3 +513,36 @@ def test_engine_failure_counts_as_engine_error_not_client_closed(
     assert f'clara_engine_errors_total{{adapter="{ids[0]}"}} 2.0' in metrics
     assert f'clara_requests_total{{adapter="{ids[0]}",endpoint="/generate",status="500"}} 1.0' in metrics
     assert 'status="499"' not in metrics
+
+
+def test_an_adapter_being_evicted_is_not_loaded_again_before_its_unload_ends(
+    start: Callable, setup: tuple[Workspace, list[str]]
+) -> None:
+    a, b, c = setup[1]
+    server, plugin = start(max_loaded=2)
+    engine = plugin.engines[0]
+    watch = Watch(server)
+    for adapter in (a, c):  # both slots taken, a used longest ago, both idle
+        assert (
+            httpx.post(server.url + "/generate", json={"prompt": "x", "adapter_id": adapter}).status_code
+            == 200
+        )
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), engine.loop).result()
+    engine.loop.call_soon_threadsafe(engine.unload_open.clear)
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), engine.loop).result()  # the clear has run
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+
+        def ask(adapter: str) -> concurrent.futures.Future:
+            return pool.submit(
+                httpx.post, server.url + "/generate", json={"prompt": "y", "adapter_id": adapter}, timeout=30
+            )
+
+        for_b = ask(b)  # evicts a; the engine's unload of a hangs
+        watch.until(lambda w: w.evicting == {a} and w.loading == [b])
+        for_a = ask(a)  # c is idle, but a must not load while the engine still unloads it
+        watch.until(lambda w: w.waiting == [b, a])  # b's request waits for its load, a's for a's unload
+        assert watch.loading == [b] and watch.evicting == {a} and engine.load_order == [a, c]
+        engine.loop.call_soon_threadsafe(engine.unload_open.set)
+        answers = [for_b.result(timeout=30), for_a.result(timeout=30)]
+    assert [r.json()["text"] for r in answers] == [f"{b}:y", f"{a}:y"]
+    assert engine.load_order == [a, c, b, a] and sorted(engine.loaded) == sorted([b, a])

@@ -308,11 +308,17 @@ def _report_leftovers(workspace) -> None:
     """Staging folders in metadata/tmp whose process died (killed during a copy or a training): reported here,
     removed by the next command that stages files."""
     for leftover in workspace.staging_leftovers():
-        click.echo(
-            f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging "
-            f"folder left by {leftover.owner}: the next 'clara adapters register' or 'clara base add --copy' "
-            "removes it, or delete it yourself"
-        )
+        what = f"note     {workspace.relative(leftover.path)} ({human_size(leftover.size_bytes)}) is a staging folder"
+        if leftover.removable:
+            click.echo(
+                f"{what} left by {leftover.owner}: the next 'clara adapters register' or 'clara base add --copy' "
+                "removes it, or delete it yourself"
+            )
+        else:
+            click.echo(
+                f"{what} of {leftover.owner}, without an owner marker: clara removes it once it is a day old; "
+                "delete it yourself if no clara process on another machine or container is using it"
+            )
 
 
 def _rebuild(obj, records: list[AdapterRecord]) -> int:

@@ -633,7 +633,7 @@ def plot_matrix(
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise InvalidInput(
-            "--plot needs matplotlib; install it with: pip install 'clara-core[eval]'"
+            "--plot needs matplotlib; install it with: pip install 'clara-core[plot]'"
         ) from exc
     from matplotlib.patches import Rectangle
 

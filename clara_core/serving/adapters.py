@@ -81,11 +81,12 @@ class AdapterManager:
         self.loading: dict[str, str | None] = {}
         #: loaded adapters being unloaded on request (each still holds its slot)
         self.unloading: set[str] = set()
+        #: adapters evicted for a load, until the engine has unloaded them (not loadable again before), with
+        #: their records (put back if the load fails before the unload)
+        self.evicting: dict[str, AdapterRecord] = {}
         #: loaded adapter -> the waiting adapter that claimed its slot; it takes no new requests
         self.draining: dict[str, str] = {}
         self.waiters: deque[_Waiter] = deque()
-        #: records of victims taken off the books for a load that has not unloaded them yet
-        self._evicted: dict[str, AdapterRecord] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: called after every change of the bookkeeping (tests wait on it instead of sleeping)
         self.on_change: Callable[[], None] | None = None
@@ -117,6 +118,7 @@ class AdapterManager:
             "waiting": len(self.waiters),
             "waiting_by_adapter": by_adapter,
             "loading": list(self.loading),
+            "evicting": sorted(self.evicting),
             "draining": dict(self.draining),
             "queue_timeout": self.queue_timeout,
         }
@@ -219,7 +221,7 @@ class AdapterManager:
         draining: dict[str, str] = {}
         served: set[str] = set()  # loaded adapters whose waiters came before the current one
         for position, adapter_id in enumerate(order):
-            if adapter_id in self.loading or adapter_id in self.unloading:
+            if adapter_id in self.loading or adapter_id in self.unloading or adapter_id in self.evicting:
                 continue  # its waiters proceed when the load (or the unload, then a load) finishes
             if adapter_id in self.loaded:
                 if adapter_id not in claimed:
@@ -263,7 +265,7 @@ class AdapterManager:
     def _start_load(self, adapter_id: str, *, victim: str | None) -> None:
         """Reserve a slot for ``adapter_id`` now (evicting idle ``victim`` from the books), load in a task."""
         if victim is not None:
-            self._evicted[victim] = self.loaded.pop(victim)  # put back if the load fails before the unload
+            self.evicting[victim] = self.loaded.pop(victim)  # put back if the load fails before the unload
         self.loading[adapter_id] = victim
         task = asyncio.get_running_loop().create_task(self._load_task(adapter_id, victim))
         self._tasks.add(task)
@@ -307,9 +309,11 @@ class AdapterManager:
             except BaseException:
                 self._restore(victim)
                 raise
-            self._evicted.pop(victim, None)
+            self.evicting.pop(victim, None)
             self.metrics.evictions.labels(victim).inc()
             self.metrics.loaded.set(len(self.loaded))
+            if self.waiters:
+                self._pump()  # a request for the victim may wait for its unload to end
         await self.engine.load_adapter(record)
         elapsed = time.perf_counter() - started
         self.load_seconds[adapter_id] = elapsed
@@ -318,8 +322,8 @@ class AdapterManager:
         return record
 
     def _restore(self, victim: str | None) -> None:
-        if victim is not None and victim not in self.loaded:
-            self.loaded[victim] = self._evicted.pop(victim)
+        if victim is not None and victim in self.evicting:
+            self.loaded[victim] = self.evicting.pop(victim)
             self.loaded.move_to_end(victim, last=False)  # first in line for the next eviction
 
     # -- the API the server uses ---------------------------------------------------------------------------

@@ -175,16 +175,15 @@ def check_out_dir(
             f"{target}: --out-dir must lie inside the workspace {workspace.root} (adapters are registered there)"
         )
     if registry is not None:
-        from ..registry import _version_from_folder
+        from ..naming import version_from_folder
 
-        version = _version_from_folder(target, config.method, config.rank)
+        version = version_from_folder(target, config.method, config.rank)
         if version is not None:
             adapter_id = make_adapter_id(config.domains, config.method, config.rank, version)
-            if registry.has_adapter(adapter_id):
-                raise Conflict(
-                    f"{target}: adapter '{adapter_id}' is already registered; choose another --out-dir "
-                    "or leave it out for the next free version"
-                )
+            try:
+                registry.refuse_taken_id(adapter_id)  # registered now, or removed (ids are never reused)
+            except Conflict as exc:
+                raise Conflict(f"{target}: {exc.message}; choose another --out-dir") from None
     return target
 
 
