@@ -106,10 +106,6 @@ def resolve_adapters(registry: Registry, ids: Sequence[str]) -> tuple[list[Adapt
     return records, base
 
 
-def resolve_default_base(registry: Registry) -> BaseRecord:
-    return registry.choose_base(None)
-
-
 def load_set(kind: str, path: Path, workspace: Workspace) -> EvalSet:
     from ..training.data import load_examples
     from .qa import load_qa
