@@ -136,6 +136,7 @@ def cli(ctx: click.Context, workspace: Path | None, engine: str | None) -> None:
 
 def _register_core_commands() -> None:
     from .commands import adapters, base, composite, init, plugins_cmd, train
+    from .commands.eval import eval_group
 
     cli.add_command(init.init)
     cli.add_command(plugins_cmd.plugins)
@@ -144,6 +145,7 @@ def _register_core_commands() -> None:
     cli.add_command(train.train)
     cli.add_command(train.quickstart)
     cli.add_command(composite.composite)
+    cli.add_command(eval_group, "eval")
     base.base.add_command(train.create_demo)
     from .commands.serve import serve
 

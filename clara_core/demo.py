@@ -220,6 +220,7 @@ class Quickstart:
     adapters: dict[str, AdapterRecord] = attrs.field(factory=dict)
     answers: dict[str, dict[str, str]] = attrs.field(factory=dict)
     served: list[dict[str, Any]] = attrs.field(factory=list)
+    evaluation: dict[str, dict[str, float]] = attrs.field(factory=dict)  # model -> domain -> ppl
 
 
 def step_workspace(root: Path, echo: Callable[[str], None]) -> Quickstart:
@@ -451,6 +452,40 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def step_eval(state: Quickstart, echo: Callable[[str], None]) -> None:
+    """Both adapters and the base on both domains' dev sets ('clara eval matrix'), recorded in the registry."""
+    from .evaluation import runner
+
+    if not state.adapters:
+        return
+    echo("")
+    echo("7. Evaluation: perplexity of each adapter and the base on each domain's dev set (lower is better):")
+    sets = [(domain, dev) for domain, (_train, dev) in state.datasets.items()]
+    ids = [record.id for record in state.adapters.values()]
+    with Registry.open(state.workspace.registry_path) as registry:
+        names, domains, rows = runner.matrix(
+            workspace=state.workspace,
+            registry=registry,
+            ids=ids,
+            sets=sets,
+            base_too=True,
+            options=runner.Options(progress=False),
+            say=lambda line: None,
+        )
+        report = runner.record(
+            state.workspace, registry, rows, command="eval matrix", extra={"domains": domains}
+        )
+    table = runner.matrix_table(names, domains, rows, "ppl")
+    width = max(len(n) for n in names)
+    echo("   " + " " * width + "".join(f"  {d:>14}" for d in domains))
+    for cells in table:
+        echo("   " + cells[0].ljust(width) + "".join(f"  {c:>14}" for c in cells[1:]))
+    state.evaluation = {
+        n: {r.details["domain"]: r.metrics["ppl"] for r in rows if r.target == n} for n in names
+    }
+    echo(f"   (* best per column; recorded in the registry and {state.workspace.relative(report)})")
+
+
 def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     root = state.workspace.root
     shown = shlex.quote(_shown(root))
@@ -461,6 +496,7 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(f"  {clara} -w {shown} adapters list                      # the registry")
     echo(f"  {clara} -w {shown} adapters show {first}     # hashes, metrics, dataset_ref, config")
     echo(f"  {clara} -w {shown} adapters verify --rebuild {first}  # retrain and compare checksums")
+    echo(f"  {clara} -w {shown} eval {first} --base-too            # perplexity on its dev set, recorded")
     echo(
         f"  {clara} -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
         "--dataset YOUR.jsonl   # your own data"
@@ -492,5 +528,6 @@ def run_quickstart(
     step_compare(state, echo)
     if serve:
         step_serve(state, echo, engine=engine)
+    step_eval(state, echo)
     step_next(state, echo)
     return state

@@ -6,6 +6,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from clara_core import demo
@@ -64,6 +65,24 @@ def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -
     assert "What to run next" in out
     assert "serve --port 8000" in out
     assert "adapters verify --rebuild" in out
+    # It ends with a small evaluation: each adapter beats the base on its own domain, and there the value is
+    # the ppl_dev training recorded (one implementation); the results are recorded.
+    evaluation = out.split("7. Evaluation", 1)[1].split("What to run next", 1)[0]
+    header = evaluation.splitlines()[1].split()
+
+    def cells(name: str) -> dict[str, float]:
+        line = next(x for x in evaluation.splitlines() if x.strip().startswith(name + " "))
+        values = line.split(None, 1)[1].replace("*", "").split()
+        return {d: float(v) for d, v in zip(header, values, strict=True)}
+
+    for entry in listed:
+        own = entry["domain"][0]
+        assert cells(entry["id"])[own] == pytest.approx(entry["metrics"]["ppl_dev"], rel=1e-3)
+        assert cells(entry["id"])[own] < cells("base")[own]
+    shown = json.loads(
+        CliRunner().invoke(cli, ["-w", str(root), "adapters", "show", ids[0], "--json"]).output
+    )
+    assert shown["metrics"]["ppl"] == pytest.approx(shown["metrics"]["ppl_dev"], rel=1e-5)
 
     # Running it again reuses the base and adds new versions, never overwriting.
     again = CliRunner().invoke(

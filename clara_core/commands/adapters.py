@@ -23,11 +23,31 @@ def adapters() -> None:
     """Adapters in the registry: list, show, register, verify, remove, export and import."""
 
 
-def _metric_summary(metrics: dict) -> str:
+#: Metrics 'clara eval' records, shown first (latest value each); the rest follow by name.
+EVAL_METRICS = ("ppl", "bpb", "qa_em", "qa_f1", "style_centroid_cos", "style_mean_cos")
+
+
+def _metric_summary(metrics: dict, limit: int = 4) -> str:
     if not metrics:
         return "-"
-    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())[:3]]
+    names = [m for m in EVAL_METRICS if m in metrics] + sorted(m for m in metrics if m not in EVAL_METRICS)
+    parts = [
+        f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+        for k in names[:limit]
+    ]
     return " ".join(parts)
+
+
+def _latest_metrics(history: list[dict]) -> list[str]:
+    """One line per metric: its latest value, the eval set and when."""
+    latest: dict[str, dict] = {}
+    for row in history:
+        latest[row["name"]] = row
+    names = [m for m in EVAL_METRICS if m in latest] + sorted(m for m in latest if m not in EVAL_METRICS)
+    return [
+        f"  {n}  {latest[n]['value']:.4g}  on {latest[n]['eval_set'] or '-'} ({latest[n]['created']})"
+        for n in names
+    ]
 
 
 @adapters.command("list")
@@ -137,6 +157,9 @@ def show(obj, adapter_id: str, as_json: bool) -> None:
                 f"  {item['position']}: {item['component_id']} weight={item['weight']} ({item['strategy']})"
             )
     if history:
+        click.echo("latest metrics:")
+        for line in _latest_metrics(history):
+            click.echo(line)
         click.echo(
             f"metrics history: {len(history)} value(s); 'clara adapters show {adapter_id} --json' lists them"
         )

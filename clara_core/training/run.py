@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -36,7 +36,7 @@ from ..types import AdapterSpec, TrainerMethodImpl
 from ..workspace import Workspace
 from . import data as data_mod
 from .config import TrainConfig
-from .loop import CHECKPOINT_PREFIX, LoopResult, complete_checkpoints, perplexity, run_trainer
+from .loop import CHECKPOINT_PREFIX, LoopResult, complete_checkpoints, run_trainer
 from .plan import (
     RunPlan,
     local_rank_device_map,
@@ -45,6 +45,9 @@ from .plan import (
     resolve_base,
     short_run_warning,
 )
+
+if TYPE_CHECKING:
+    from ..evaluation.perplexity import ScoredText
 from .publish import (
     METADATA_FILE,
     DiskFull,
@@ -90,7 +93,7 @@ class _Dist:
 @attrs.define
 class _Data:
     rows: list[data_mod.PackedRow]
-    dev_rows: list[data_mod.PackedRow]
+    dev_texts: list[ScoredText]
     summary: data_mod.DatasetSummary
     pad_id: int
 
@@ -127,16 +130,12 @@ def _prepare_data(plan: RunPlan, say: Callable[[str], None]) -> _Data:
     )
     rows = data_mod.pack(tokenized, config.max_seq_len) if config.packing else data_mod.unpacked(tokenized)
     summary = data_mod.summarise(plan.examples, tokenized, dropped, len(rows))
-    dev_rows: list[data_mod.PackedRow] = []
+    dev_texts: list[ScoredText] = []
     if plan.dev_examples is not None and config.dev is not None:
-        dev_tokenized, _ = data_mod.tokenize_examples(
-            plan.dev_examples,
-            tokenizer,
-            path=config.dev,
-            max_seq_len=config.max_seq_len,
-            truncate=config.truncate,
-        )
-        dev_rows = data_mod.pack(dev_tokenized, config.max_seq_len)
+        # Scored as 'clara eval' scores it (same function, sliding windows, nothing cut), so both agree.
+        from ..evaluation.perplexity import prepare_texts
+
+        dev_texts = prepare_texts(plan.dev_examples, tokenizer, path=config.dev)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary.kinds.items()))
     say(
         f"Dataset {config.dataset}: {summary.examples} records ({kinds}), {summary.tokens:,} tokens "
@@ -153,7 +152,7 @@ def _prepare_data(plan: RunPlan, say: Callable[[str], None]) -> _Data:
     short = short_run_warning(config, len(rows), plan.micro * plan.accumulation * plan.world_size)
     if short:
         say(short)
-    return _Data(rows, dev_rows, summary, pad_id if pad_id is not None else 0)
+    return _Data(rows, dev_texts, summary, pad_id if pad_id is not None else 0)
 
 
 @contextmanager
@@ -406,14 +405,17 @@ def _evaluate(
     metrics: dict[str, float] = {}
     if loop.train_loss is not None:
         metrics["train_loss"] = round(loop.train_loss, 6)
-    if data.dev_rows:
-        metrics["ppl_dev"] = perplexity(
-            peft_model, data.dev_rows, micro_batch=micro, pad_token_id=data.pad_id
-        )
+    if data.dev_texts:
+        from ..evaluation.perplexity import default_window, score
+
+        window = default_window(peft_model.config)
+        metrics["ppl_dev"] = score(
+            peft_model, data.dev_texts, window=window, batch_size=micro, pad_token_id=data.pad_id
+        ).ppl
         with peft_model.disable_adapter():
-            metrics["ppl_dev_base"] = perplexity(
-                peft_model, data.dev_rows, micro_batch=micro, pad_token_id=data.pad_id
-            )
+            metrics["ppl_dev_base"] = score(
+                peft_model, data.dev_texts, window=window, batch_size=micro, pad_token_id=data.pad_id
+            ).ppl
         say(f"ppl_dev {metrics['ppl_dev']:.3f} (base without the adapter: {metrics['ppl_dev_base']:.3f})")
     return metrics
 
