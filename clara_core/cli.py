@@ -153,6 +153,10 @@ def _register_core_commands() -> None:
     from .commands.report import report
 
     cli.add_command(report)
+    from .commands.router import route, router
+
+    cli.add_command(router)
+    cli.add_command(route)
 
 
 _register_core_commands()

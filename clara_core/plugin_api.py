@@ -50,6 +50,7 @@ from .registry import Registry
 from .training.methods import linear_module_names, load_causal_lm, lora_config, resolve_target_modules
 from .types import (
     AdapterSpec,
+    EmbedFn,
     Engine,
     EngineCapabilities,
     EngineImpl,
@@ -93,6 +94,7 @@ __all__ = [
     "BaseRecord",
     "ClaraError",
     "Conflict",
+    "EmbedFn",
     "Engine",
     "EngineCapabilities",
     "EngineImpl",

@@ -57,6 +57,8 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("merge strategy", "ties"): "clara-plugin-merge-ties",
     ("merge strategy", "dare_ties"): "clara-plugin-merge-ties",
     ("merge strategy", "dare_linear"): "clara-plugin-merge-ties",
+    ("router", "embedding"): "clara-plugin-router",
+    ("router", "keyword"): "clara-plugin-router",
 }
 
 R = TypeVar("R", bound=Registration)

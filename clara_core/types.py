@@ -667,12 +667,23 @@ class EngineImpl(abc.ABC):
         """Number of tokens of ``text`` for the base tokenizer (for usage and limits)."""
         return len(text.split())
 
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Optional: one vector per text from the loaded *base* (no adapter), the mean of the last hidden
+        states over the text's tokens. Routers that need embeddings use it in the server instead of loading a
+        second copy of the model; an engine without it leaves it out (see :func:`engine_can_embed`)."""
+        raise NotImplementedError
+
     def health(self) -> dict[str, Any]:
         """Engine-specific details for ``/health`` (device, batch sizes, base loads, ...)."""
         return {}
 
     async def shutdown(self) -> None:  # noqa: B027 - optional
         """Release the model and any background workers."""
+
+
+def engine_can_embed(engine: EngineImpl) -> bool:
+    """Whether ``engine`` implements :meth:`EngineImpl.embed`."""
+    return type(engine).embed is not EngineImpl.embed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -715,9 +726,15 @@ class ExporterImpl(abc.ABC):
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: Text embeddings from the base model: one vector per text (mean-pooled hidden states). The server hands
+#: routers the engine's own (its already loaded base); the CLI one that loads the base once.
+EmbedFn = Callable[[Sequence[str]], list[list[float]]]
+
+
 @attrs.define
 class RouteDecision:
-    """A router's choice for one prompt: ``adapter_id`` of ``None`` means the base model answers."""
+    """A router's choice for one prompt: ``adapter_id`` of ``None`` means the base model answers. ``score`` is
+    the confidence of the choice (0..1 where the router can say), ``scores`` the score per adapter id."""
 
     adapter_id: str | None
     score: float
@@ -727,27 +744,45 @@ class RouteDecision:
 @attrs.frozen(kw_only=True)
 class RouterFitRequest:
     """What :meth:`RouterImpl.fit` learns from: the registered ``adapters`` to choose among, their ``base``
-    and the router's own declared ``options`` by name. New fields get defaults."""
+    and the router's own declared ``options`` by name. New fields get defaults.
+
+    ``examples``: training texts per adapter id (a sample of the adapter's ``dataset_ref`` or of the file
+    given with ``--data DOMAIN=FILE``), ``held_out``: more texts per adapter id, not in ``examples``, to fit
+    thresholds on. ``keywords``: hand-written patterns (regular expressions) per domain from ``clara router
+    keywords``. ``embed``: text embeddings from the base (set when the router's ``needs_embeddings`` is true).
+    ``previous``: the folder of the last fitted state of this router, or ``None`` (for caches: a router may
+    reuse what it computed for an adapter of the same checksum)."""
 
     adapters: Sequence[AdapterRecord]
     base: BaseRecord
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    examples: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+    held_out: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+    keywords: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+    embed: EmbedFn | None = None
+    previous: Path | None = None
 
 
 @attrs.frozen(kw_only=True)
 class RouteRequest:
     """One routing question: ``prompt`` is what the user wrote (the last user message of a chat, not the
-    rendered template). New fields get defaults."""
+    rendered template); ``embed`` as in :class:`RouterFitRequest`. New fields get defaults."""
 
     prompt: str
+    embed: EmbedFn | None = None
 
 
 class RouterImpl(abc.ABC):
     """What a router provides: fitted on registered adapters, saved beside the registry, used by the server.
 
     ``state_dir`` is a folder the router owns (under ``metadata/routers/<name>/``); :meth:`save` writes
-    everything :meth:`load` needs.
+    everything :meth:`load` needs. clara keeps a manifest beside it (base hash, the adapters' ids and
+    checksums, the keywords, the fit time) and refuses a state fitted for another base or another set of
+    adapters, so a router only has to fit, save, load and route. Set ``needs_embeddings`` to get ``embed``
+    in the requests. :meth:`route` is called from worker threads, never on the server's event loop.
     """
+
+    needs_embeddings: ClassVar[bool] = False
 
     @abc.abstractmethod
     def fit(self, request: RouterFitRequest) -> None:
@@ -756,6 +791,10 @@ class RouterImpl(abc.ABC):
     @abc.abstractmethod
     def route(self, request: RouteRequest) -> RouteDecision:
         """Choose the adapter for ``request.prompt``."""
+
+    def route_batch(self, requests: Sequence[RouteRequest]) -> list[RouteDecision]:
+        """Choose for many prompts at once (``clara router eval``); the default asks :meth:`route` for each."""
+        return [self.route(r) for r in requests]
 
     @abc.abstractmethod
     def save(self, state_dir: Path) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install clara into a virtual environment (default .venv) with the default plugins.
-#   scripts/install.sh          clara-core + lora, qlora, transformers and merge plugins
+#   scripts/install.sh          clara-core + lora, qlora, transformers, merge and router plugins
 #   scripts/install.sh --dev    also the test tools and every plugin that can be installed here
 # torch is installed first and pinned (CLARA_TORCH, default torch==2.13.0, the CPU build on a CPU machine),
 # so that nothing later pulls a multi-GB CUDA build; an already installed torch is kept.
@@ -25,7 +25,8 @@ echo "Installing clara and its default plugins ..." >&2
   -e plugins/clara-plugin-lora \
   -e plugins/clara-plugin-qlora \
   -e plugins/clara-plugin-transformers \
-  -e plugins/clara-plugin-merge
+  -e plugins/clara-plugin-merge \
+  -e plugins/clara-plugin-router
 if [ "$dev" = 1 ]; then
   echo "Installing test tools and optional plugins ..." >&2
   "${pip[@]}" -e ".[dev]" -e plugins/clara-plugin-dora -e plugins/clara-plugin-merge-ties

@@ -18,8 +18,8 @@ from typing import Any
 from ..checks import check_adapter_for_base, check_base_unchanged
 from ..errors import ClaraError, InvalidInput, first_line
 from ..plugins import PluginManager
-from ..registry import AdapterRecord, Registry
-from ..types import EngineOptions, Option, OptionValueError, RouterImpl
+from ..registry import AdapterRecord, BaseRecord, Registry
+from ..types import EngineOptions, Option, OptionValueError, RouterImpl, engine_can_embed
 from ..workspace import Workspace
 from .app import create_app
 from .requestlog import RequestObserver
@@ -69,17 +69,12 @@ def max_rank(adapter: AdapterRecord) -> int:
     return max([int(config.get("r") or adapter.rank or 0), *(int(v) for v in values if isinstance(v, int))])
 
 
-def load_router(plugins: PluginManager, name: str, workspace: Workspace) -> RouterImpl:
-    registration = plugins.router(name)
-    router = registration.create()
-    state_dir = workspace.metadata_dir / "routers" / registration.name
-    if not state_dir.is_dir():
-        raise ClaraError(
-            f"router '{registration.name}' is not fitted (no {state_dir}); run 'clara router fit --router "
-            f"{registration.name}' first"
-        )
-    router.load(state_dir)
-    return router
+def load_router(plugins: PluginManager, name: str, workspace: Workspace, base: BaseRecord) -> RouterImpl:
+    """The fitted router ``name``, refused (one line naming the refit command) when it is not fitted or was
+    fitted for another base or another set of adapters."""
+    from ..routing import load_router as load_fitted
+
+    return load_fitted(workspace, plugins, name, base).router
 
 
 class _ReadMostlyCache:
@@ -145,7 +140,7 @@ def prepare(
         for adapter_id in settings.preload:
             check_adapter_for_base(registry.get_adapter(adapter_id), base)
         ranks = [max_rank(a) for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
-    router = load_router(plugins, settings.router_name, workspace) if settings.router_name else None
+    router = load_router(plugins, settings.router_name, workspace, base) if settings.router_name else None
     engine = registration.create(
         base,
         EngineOptions(
@@ -156,7 +151,25 @@ def prepare(
         ),
     )
     lookup, list_all = _registry_lookup(workspace.registry_path)
-    return ServerState(engine, base, lookup, list_all, settings, router=router, observers=observers)
+    router_embed = None
+    if router is not None and router.needs_embeddings and not engine_can_embed(engine):
+        from ..routing import local_embedder
+
+        if echo is not None:
+            echo(
+                f"clara: engine '{registration.name}' cannot embed; the router loads base '{base.name}' once more"
+            )
+        router_embed = local_embedder(base)
+    return ServerState(
+        engine,
+        base,
+        lookup,
+        list_all,
+        settings,
+        router=router,
+        observers=observers,
+        router_embed=router_embed,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:

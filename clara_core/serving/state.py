@@ -22,7 +22,7 @@ import attrs
 
 from ..errors import ClaraError, InvalidInput, first_line
 from ..registry import AdapterRecord, BaseRecord
-from ..types import EngineImpl, GenerationChunk, GenerationRequest, RouteRequest, RouterImpl
+from ..types import EmbedFn, EngineImpl, GenerationChunk, GenerationRequest, RouteRequest, RouterImpl
 from .adapters import DEFAULT_QUEUE_TIMEOUT, AdapterManager
 from .admission import Admission
 from .errors import EngineError, error_body, redact_paths
@@ -158,6 +158,7 @@ class ServerState:
         settings: ServeSettings,
         router: RouterImpl | None = None,
         observers: Sequence[RequestObserver] = (),
+        router_embed: EmbedFn | None = None,
     ) -> None:
         self.engine = engine
         self.base = base
@@ -168,6 +169,7 @@ class ServerState:
         self.list_adapters = list_adapters
         self.settings = settings
         self.router = router
+        self.router_embed = router_embed
         self.metrics = Metrics()
         self.observers: list[RequestObserver] = [self.metrics, *observers]
         self.admission = Admission(settings.max_queue)
@@ -230,11 +232,27 @@ class ServerState:
                 raise InvalidInput(
                     "adapter 'auto' needs a router: start the server with --router NAME (see 'clara plugins')"
                 )
-            decision = await asyncio.to_thread(self.router.route, RouteRequest(prompt=prompt))
+            if not prompt.strip():
+                raise InvalidInput("empty prompt; 'auto' routing needs the text to route")
+            embed = self._router_embed() if self.router.needs_embeddings else None
+            decision = await asyncio.to_thread(self.router.route, RouteRequest(prompt=prompt, embed=embed))
             return Selection(decision.adapter_id, "routed", float(decision.score), dict(decision.scores))
         if self.is_base_name(requested):
             return Selection(None, "named")
         return Selection(requested, "named")  # generation() checks it against the registry
+
+    def _router_embed(self) -> EmbedFn:
+        """Embeddings for the router (called from its worker thread): the engine's loaded base where the
+        engine can embed, else ``router_embed`` (the base loaded once more, for engines that cannot)."""
+        if self.router_embed is not None:
+            return self.router_embed
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+
+        def embed(texts: Sequence[str]) -> list[list[float]]:
+            return asyncio.run_coroutine_threadsafe(engine.embed(list(texts)), loop).result()
+
+        return embed
 
     def max_tokens_limit(self) -> int:
         return self.engine.capabilities.max_model_len or self.settings.max_tokens_limit

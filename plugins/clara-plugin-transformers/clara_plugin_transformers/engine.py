@@ -181,6 +181,44 @@ class TransformersEngine(EngineImpl):
             await asyncio.to_thread(self._thread.join, 30)
         self.model = self.peft = None
 
+    # -- embeddings (for routers) ---------------------------------------------------------------------------
+
+    #: texts are cut to this many tokens before embedding (as clara_core.routing.embed does in the CLI)
+    EMBED_MAX_TOKENS = 128
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Mean-pooled last hidden states of the loaded base (no adapter), computed on the worker thread
+        between decoding steps: routers use the served model, never a second copy."""
+        ids = await asyncio.to_thread(
+            lambda: [self._encode(t)[: self.EMBED_MAX_TOKENS] or [0] for t in texts]
+        )
+        result: list[list[float]] = await self._call(lambda: self._embed(ids))
+        return result
+
+    def _embed(self, ids: list[list[int]], batch_size: int = 16) -> list[list[float]]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out: list[list[float]] = []
+        for start in range(0, len(ids), batch_size):
+            rows = ids[start : start + batch_size]
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+            output = self._forward(
+                "mixed",
+                [BASE] * len(rows),
+                input_ids=input_ids,
+                attention_mask=mask,
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            hidden = output.hidden_states[-1]
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            out.extend(pooled.float().cpu().tolist())
+        return out
+
     # -- adapters ----------------------------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
