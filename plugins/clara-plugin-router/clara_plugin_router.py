@@ -2,9 +2,9 @@
 
 ``embedding``: texts become the base model's own mean-pooled hidden states (no extra model); each adapter gets
 one or more centroids of a sample of its training data; a prompt goes to the adapter of the most similar
-centroid (cosine, after removing the mean of all training embeddings, which a language model's hidden states
-share), or to the base when the similarity is below a threshold (fitted on held-out training texts, or set with
-``--option threshold=X``). Centroids are cached per adapter checksum: a refit after one adapter changed embeds
+centroid (cosine, after removing the mean that all domains' embeddings share: ``scores``), or to the base when the
+plain cosine to that adapter's mean direction (``score``) is below a threshold (fitted on held-out training texts:
+95% of them pass; or set with ``--threshold X``). Centroids are cached per adapter checksum: a refit after one adapter changed embeds
 only that adapter's texts.
 
 ``keyword``: per-domain regular expressions from ``clara router keywords add``, plus words the router learns
@@ -136,10 +136,12 @@ class EmbeddingRouter(RouterImpl):
         # the mean over adapters (not texts): every domain counts the same
         centre = np.mean([m for m, _ in raw.values()], axis=0)
         centroids = {a: _kmeans(_unit(v - centre), k).tolist() for a, (_, v) in raw.items()}
+        plain = {a: _unit(_unit(v).mean(axis=0)).tolist() for a, (_, v) in raw.items()}
         self.state = {
             "base_model_hash": request.base.base_model_hash,
             "centre": centre.tolist(),
             "centroids": centroids,
+            "plain": plain,
             "cache": entries,
             "threshold": threshold,
             "threshold_source": "option" if threshold is not None else "held-out",
@@ -154,17 +156,22 @@ class EmbeddingRouter(RouterImpl):
                 self.state["threshold"] = 0.0
 
     def _route_embedded(self, emb: Any, threshold: float) -> list[RouteDecision]:
+        """The adapter whose centroid is most similar once the mean all domains share is removed (what tells
+        domains apart); the score is the plain cosine to that adapter's mean direction (how close the prompt is
+        to the adapter's texts at all), and below ``threshold`` the base answers."""
         import numpy as np
 
-        x = _unit(np.asarray(emb, dtype=np.float64) - np.asarray(self.state["centre"]))
+        emb = np.asarray(emb, dtype=np.float64)
+        x = _unit(emb - np.asarray(self.state["centre"]))
+        plain = _unit(emb)
         ids = list(self.state["centroids"])
         sims = np.stack([np.max(x @ np.asarray(self.state["centroids"][a]).T, axis=1) for a in ids], axis=1)
         out = []
-        for row in sims:
+        for row, p in zip(sims, plain, strict=True):
             scores = {a: round(max(0.0, float(s)), 6) for a, s in zip(ids, row, strict=True)}
-            best = int(np.argmax(row))
-            score = max(0.0, float(row[best]))
-            out.append(RouteDecision(ids[best] if score >= threshold else None, score, scores))
+            best = ids[int(np.argmax(row))]
+            score = max(0.0, float(p @ np.asarray(self.state["plain"][best])))
+            out.append(RouteDecision(best if score >= threshold else None, score, scores))
         return out
 
     def route(self, request: RouteRequest) -> RouteDecision:
