@@ -95,21 +95,6 @@ def test_the_cli_routes_clear_prompts_and_leaves_unrelated_ones_to_the_base(rout
     assert unrelated["adapter_id"] is None, (unrelated, state["threshold"])
 
 
-def test_engine_embeddings_are_the_cli_embeddings(server: Any) -> None:
-    """The router is fitted with the CLI's embedder and used with the engine's: they must agree."""
-    import asyncio
-
-    from clara_core.routing import local_embedder
-
-    state = server.state
-    assert state.router_embed is None  # the engine embeds: no second copy of the base
-    texts = [CLEAR["steuer"], UNRELATED, "kurz"]
-    engine_vectors = asyncio.run(state.engine.embed(texts))  # runs on the engine's worker thread
-    local = local_embedder(state.base)(texts)
-    for a, b in zip(engine_vectors, local, strict=True):
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
-
-
 def test_auto_routes_in_generate_and_the_openai_api(client: httpx.Client) -> None:
     for domain, prompt in CLEAR.items():
         body = client.post("/generate", json={"prompt": prompt, "adapter_id": "auto", "max_tokens": 4}).json()
@@ -143,6 +128,23 @@ def test_auto_routes_in_generate_and_the_openai_api(client: httpx.Client) -> Non
     assert counted["sozial-lora-r4-v1"] >= 2 and counted["steuer-lora-r4-v1"] >= 1, counted
     health = client.get("/health").json()
     assert health["engine_details"]["base_loads"] == 1
+
+
+def test_engine_embeddings_are_the_cli_embeddings(server: Any) -> None:
+    """The router is fitted with the CLI's embedder and used with the engine's: they must agree, also with
+    adapters loaded (runs after the routing test, which loaded all three)."""
+    import asyncio
+
+    from clara_core.routing import local_embedder
+
+    state = server.state
+    assert state.router_embed is None  # the engine embeds: no second copy of the base
+    assert len(state.engine.loaded_adapters()) == 3
+    texts = [CLEAR["steuer"], UNRELATED, "kurz"]
+    engine_vectors = asyncio.run(state.engine.embed(texts))  # runs on the engine's worker thread
+    local = local_embedder(state.base)(texts)
+    for a, b in zip(engine_vectors, local, strict=True):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
 
 
 def test_a_stale_or_unfitted_router_is_refused_at_start(

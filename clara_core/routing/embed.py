@@ -3,6 +3,7 @@ vectors the transformers engine's ``embed`` gives in the server)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class LocalEmbedder:
         self.batch_size = batch_size
         self._model: Any = None
         self._tokenizer: Any = None
+        self._extra: dict[str, Any] = {}
 
     def _load(self) -> None:
         import torch
@@ -38,6 +40,9 @@ class LocalEmbedder:
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         self._model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+        # the hidden states are wanted, not logits for every position (the LM head is a large matrix)
+        params = inspect.signature(type(self._model).forward).parameters
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def __call__(self, texts: Sequence[str]) -> list[list[float]]:
         import torch
@@ -51,6 +56,7 @@ class LocalEmbedder:
                 encoded = self._tokenizer(
                     batch, return_tensors="pt", padding=True, truncation=True, max_length=MAX_TOKENS
                 )
-                hidden = self._model(**encoded, output_hidden_states=True).hidden_states[-1]
+                output = self._model(**encoded, output_hidden_states=True, use_cache=False, **self._extra)
+                hidden = output.hidden_states[-1]
                 out.extend(mean_pool(hidden, encoded["attention_mask"]))
         return out

@@ -116,6 +116,7 @@ class TransformersEngine(EngineImpl):
         self.steps = 0
         self.peak_batch = 0  # most rows decoded in one step so far
         self._cache_arg = "past_key_values"
+        self._embed_extra: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -162,6 +163,8 @@ class TransformersEngine(EngineImpl):
         # transformers 5.x renamed the forward argument past_key_values to cache
         forward_params = inspect.signature(type(self.model).forward).parameters
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        # embed() wants hidden states, not logits at every position
+        self._embed_extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -212,6 +215,7 @@ class TransformersEngine(EngineImpl):
                 attention_mask=mask,
                 output_hidden_states=True,
                 use_cache=False,
+                **self._embed_extra,
             )
             hidden = output.hidden_states[-1]
             weights = mask.unsqueeze(-1).to(hidden.dtype)
