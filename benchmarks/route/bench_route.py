@@ -1,0 +1,157 @@
+"""Routing benchmark: accuracy and latency of each router on the law corpora, against the time of generating
+32 tokens with the same base.
+
+Two splits, both fitted on training sections only:
+- dev: fitted on every law's train sections, evaluated on the dev sections of the same laws;
+- unseen laws: one law per domain left out of the fit entirely (UStG, SGB I, VwVG + VwZG), evaluated on all of
+  its sections (a router that memorised law names fails here).
+
+Usage: python benchmarks/route/bench_route.py [--quick] [--json results.json] [--plots DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOMAINS = ["steuerrecht", "sozialrecht", "verfahren"]
+UNSEEN = {"steuerrecht": {"UStG 1980"}, "sozialrecht": {"SGB 1"}, "verfahren": {"VwVG", "VwZG 2005"}}
+
+
+def find_gesetze() -> Path:
+    for candidate in (
+        ROOT.parent / "shared" / "data" / "gesetze",
+        ROOT.parents[1] / "shared" / "data" / "gesetze",
+    ):
+        if candidate.is_dir():
+            return candidate
+    raise SystemExit("law corpora not found (../shared/data/gesetze)")
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def gen_seconds(base: Path, prompts: list[str], tokens: int = 32) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    times = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt", truncation=True, max_length=128)
+            start = time.perf_counter()
+            model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny base, small samples (a smoke run)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plots", type=Path, help="write the confusion matrices (PNG) into this folder")
+    parser.add_argument("--sample", type=int, default=400, help="training texts per adapter")
+    args = parser.parse_args()
+
+    from clara_core.plugins import PluginManager
+    from clara_core.registry import Registry
+    from clara_core.routing import evaluate, fit_router, load_router, local_embedder, plot_confusion
+    from clara_core.tinymodels import build_llama, random_lora_adapter
+    from clara_core.workspace import Workspace
+
+    gesetze = find_gesetze()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-route-"))
+    corpus = [r["text"] for d in [*DOMAINS, "allgemein"] for r in read(gesetze / d / "train.jsonl")]
+    size = (
+        {"hidden_size": 64, "vocab_size": 512}
+        if args.quick
+        else {
+            "hidden_size": 512,
+            "vocab_size": 8000,
+            "intermediate_size": 1024,
+            "num_layers": 4,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+        }
+    )
+    base = build_llama(tmp / "base", texts=corpus, seed=0, **size)
+    ws, _ = Workspace.init(tmp / "ws")
+    with Registry.open(ws.registry_path) as registry:
+        registry.add_base(base, name="base", workspace=ws)
+        for i, domain in enumerate(DOMAINS):
+            registry_adapter = random_lora_adapter(base, tmp / "made" / domain, seed=i + 1)
+            from click.testing import CliRunner
+
+            from clara_core.cli import ClaraContext, cli
+
+            out = CliRunner().invoke(
+                cli,
+                ["adapters", "register", str(registry_adapter), "--domain", domain, "--base", "base"],
+                obj=ClaraContext(workspace=ws.root, plugins=PluginManager()),
+            )
+            assert out.exit_code == 0, out.output
+    with Registry.open(ws.registry_path) as registry:
+        base_record = registry.choose_base(None)
+    embed = local_embedder(base_record)
+
+    splits = {}
+    train = {d: read(gesetze / d / "train.jsonl") for d in DOMAINS}
+    dev = {d: read(gesetze / d / "dev.jsonl") for d in DOMAINS}
+    splits["dev"] = (
+        {d: write(tmp / f"train-{d}.jsonl", train[d]) for d in DOMAINS},
+        write(tmp / "dev.jsonl", [r for d in DOMAINS for r in dev[d]]),
+    )
+    splits["unseen laws"] = (
+        {
+            d: write(tmp / f"seen-{d}.jsonl", [r for r in train[d] if r["law"] not in UNSEEN[d]])
+            for d in DOMAINS
+        },
+        write(tmp / "unseen.jsonl", [r for d in DOMAINS for r in train[d] + dev[d] if r["law"] in UNSEEN[d]]),
+    )
+    sample = 40 if args.quick else args.sample
+    results = []
+    plugins = PluginManager()
+    for split, (data, labeled) in splits.items():
+        records = [(r["text"], r["domain"]) for r in read(labeled)]
+        if args.quick:
+            records = records[::10]
+        for router in ("embedding", "keyword"):
+            start = time.perf_counter()
+            fit_router(ws, plugins, router, data=data, sample=sample, embed=embed)
+            fit_s = time.perf_counter() - start
+            loaded = load_router(ws, plugins, router)
+            result = evaluate(loaded, records, embed if loaded.router.needs_embeddings else None)
+            result.update(split=split, fit_seconds=fit_s)
+            results.append(result)
+            if args.plots:
+                args.plots.mkdir(parents=True, exist_ok=True)
+                name = f"confusion-{router}-{split.replace(' ', '-')}.png"
+                plot_confusion(result, args.plots / name)
+            print(
+                f"{split:12} {router:10} accuracy {result['accuracy']:.1%}  p50 "
+                f"{result['latency_seconds']['p50'] * 1000:.2f} ms  p95 {result['latency_seconds']['p95'] * 1000:.2f} ms"
+                f"  ({result['records']} prompts)",
+                flush=True,
+            )
+    generate = gen_seconds(base, [r["text"] for r in dev["steuerrecht"][:5]])
+    print(f"generating 32 tokens: {generate * 1000:.1f} ms (median of 5)")
+    summary = {"base": size, "sample": sample, "generate_32_tokens_seconds": generate, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
