@@ -158,9 +158,16 @@ def setup(workspace_with_base: Workspace, fake_adapter: Callable[..., Path]) -> 
                 adapter_checksum=hashing.adapter_checksum(folder),
             )
             ids.append(registry.register_adapter(draft, folder, workspace_with_base, place="copy").id)
-        router = KeywordRouter()
-        router.fit(RouterFitRequest(adapters=registry.list_adapters(), base=base))
-        router.save(workspace_with_base.metadata_dir / "routers" / "keywords")
+    # fitted the way 'clara router fit' does it: state and manifest in metadata/routers/keywords/
+    from clara_core.routing import fit_router
+
+    data = workspace_with_base.root / "texts.jsonl"
+    data.write_text('{"text": "eine Frage"}\n')
+    manager = PluginManager(load_entry_points=False)
+    manager.register(FakePlugin(), name="fake")
+    fit_router(
+        workspace_with_base, manager, "keywords", data=dict.fromkeys(["steuer", "sozial", "verfahren"], data)
+    )
     return workspace_with_base, ids
 
 
@@ -418,8 +425,9 @@ def test_router_that_is_not_fitted_is_a_clear_error(setup: tuple[Workspace, list
     manager = PluginManager(load_entry_points=False)
     manager.register(FakePlugin(), name="fake")
     workspace = setup[0]
-    (workspace.metadata_dir / "routers" / "keywords" / "keywords.json").unlink()
-    (workspace.metadata_dir / "routers" / "keywords").rmdir()
+    import shutil
+
+    shutil.rmtree(workspace.metadata_dir / "routers" / "keywords")
     with pytest.raises(ClaraError, match="not fitted"):
         prepare(
             workspace,
