@@ -134,7 +134,13 @@ def _engine_options(pairs: tuple[str, ...]) -> dict[str, str]:
     is_flag=True,
     help="Append one JSON line per request to metadata/logs/requests.jsonl.",
 )
-@click.option("--router", "router_name", metavar="NAME", help="Router for adapter_id/model 'auto'.")
+@click.option(
+    "--router",
+    "router_name",
+    metavar="NAME",
+    help="Router for adapter_id/model 'auto', fitted with 'clara router fit --router NAME' (embedding, keyword); "
+    "an unfitted or stale router is refused at start.",
+)
 @click.option(
     "--option",
     "-o",
