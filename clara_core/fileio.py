@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,25 @@ def _free_bytes(path: Path) -> int:
 
 def _free_text(path: Path) -> str:
     return human_size(_free_bytes(path))
+
+
+def jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
+    """The parsed records of the JSON Lines file ``path`` (its bytes ``raw``) with their 1-based line numbers;
+    blank lines are skipped. A line that is not UTF-8 or not JSON is an ``InvalidInput`` naming file and line."""
+    from .errors import InvalidInput
+
+    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"{path}:{number}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+            ) from exc
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except ValueError as exc:
+            raise InvalidInput(
+                f"{path}:{number}: invalid JSON ({exc}); each line must be one JSON object"
+            ) from exc

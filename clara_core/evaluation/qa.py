@@ -10,7 +10,6 @@ punctuation removed, whitespace collapsed; umlauts and ß are letters and stay (
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import unicodedata
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 import attrs
 
 from ..errors import InvalidInput
+from ..fileio import jsonl_records
 
 #: Stop at the end of the answer line, as the law corpora's "Frage: ...\nAntwort:" prompts expect.
 DEFAULT_STOP = ("\n",)
@@ -65,21 +65,11 @@ def load_qa(path: Path) -> list[QAItem]:
     if not path.is_file():
         raise InvalidInput(f'{path}: QA file not found; give a JSONL file of {{"prompt", "answer"}} records')
     items: list[QAItem] = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(
-                f"{path}:{number}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-            ) from exc
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise InvalidInput(
-                f"{path}:{number}: invalid JSON ({exc}); each line must be one JSON object"
-            ) from exc
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read the QA file ({exc.strerror or exc})") from exc
+    for number, record in jsonl_records(path, raw):
         if (
             not isinstance(record, dict)
             or not isinstance(record.get("prompt"), str)

@@ -19,7 +19,6 @@ spent on padding.
 from __future__ import annotations
 
 import bisect
-import json
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import attrs
 
 from ..errors import InvalidInput
+from ..fileio import jsonl_records
 
 IGNORE_INDEX = -100
 _ROLES = ("system", "user", "assistant", "tool")
@@ -101,21 +101,7 @@ def load_examples(path: Path) -> list[Example]:
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read the dataset ({exc.strerror or exc})") from exc
     examples: list[Example] = []
-    for number, line_bytes in enumerate(raw.splitlines(), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(
-                f"{path}:{number}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
-            ) from exc
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise InvalidInput(
-                f"{path}:{number}: invalid JSON ({exc}); each line must be one JSON object"
-            ) from exc
+    for number, record in jsonl_records(path, raw):
         examples.append(parse_record(record, f"{path}:{number}", number))
     if not examples:
         raise InvalidInput(
