@@ -216,7 +216,9 @@ def build(ctx: click.Context, **values: Any) -> None:
             f"mean {sum(result.errors.values()) / len(result.errors):.3e} (Frobenius, per module)"
         )
     _print_kept(kept, check)
-    click.echo(f"Next: clara composite show {record.id}")
+    from ..demo import clara_command  # spelt as the user can type it (.venv/bin/clara when not on PATH)
+
+    click.echo(f"Next: {clara_command()} composite show {record.id}")
 
 
 def _plan_check(obj: Any, adapter_ids: list[str], merge_into_base: bool) -> list[Any]:
