@@ -204,7 +204,7 @@ def demo_answer(domain: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The quickstart, step by step (later issues append steps: serve, composite, export)
+# The quickstart, step by step (later issues append steps: export)
 # ----------------------------------------------------------------------------------------------------------
 
 DEMO_BASE_NAME = "demo-llama"
@@ -221,6 +221,9 @@ class Quickstart:
     answers: dict[str, dict[str, str]] = attrs.field(factory=dict)
     served: list[dict[str, Any]] = attrs.field(factory=list)
     evaluation: dict[str, dict[str, float]] = attrs.field(factory=dict)  # model -> domain -> ppl
+    composite: AdapterRecord | None = None
+    composite_answers: dict[str, str] = attrs.field(factory=dict)  # domain -> the composite's answer
+    kept: dict[str, float | None] = attrs.field(factory=dict)  # domain -> kept fraction of the ppl gain
 
 
 def step_workspace(root: Path, echo: Callable[[str], None]) -> Quickstart:
@@ -486,6 +489,71 @@ def step_eval(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(f"   (* best per column; recorded in the registry and {state.workspace.relative(report)})")
 
 
+COMPOSITE_WEIGHT = 0.5
+
+
+def step_composite(state: Quickstart, plugins: PluginManager, echo: Callable[[str], None]) -> None:
+    """Both adapters combined 50/50 into one composite ('clara composite build --check'), asked both domains'
+    questions, next to each domain's own adapter; and what it keeps of each adapter's perplexity gain."""
+    from .composites import CompositeRequest, build_composite
+    from .composites import check as composite_check
+    from .evaluation.runner import Options
+
+    if len(state.adapters) < 2:
+        return
+    assert state.base is not None
+    records = list(state.adapters.values())
+    weights = [COMPOSITE_WEIGHT] * len(records)
+    echo("")
+    echo(
+        f"8. Composite: the adapters combined into one, weights {' '.join(f'{w:g}' for w in weights)} "
+        "(clara composite build --strategy weighted --check):"
+    )
+    request = CompositeRequest(adapter_ids=[r.id for r in records], strategy="weighted", weights=weights)
+    result = build_composite(request, state.workspace, plugins)
+    record = result.record
+    state.composite = record
+    where = state.workspace.relative(record.path)
+    if result.existed:
+        echo(f"   '{record.id}' was already built from these adapters ({where})")
+    else:
+        exact = "exact" if result.max_error == 0.0 else f"max relative error {result.max_error:.2e}"
+        echo(f"   Registered '{record.id}' at {where} (rank {record.rank}, {exact})")
+    questions = demo_questions()
+    answers = generate_answers(state.base.path, {record.id: record.path}, questions)
+    width = max(len(name) for name in ["expected", record.id, *(r.id for r in records)])
+    for domain, question in questions.items():
+        echo("")
+        echo(f"   [{domain}] {question}")
+        echo(f"   {'expected'.ljust(width)}  {demo_answer(domain)}")
+        own = state.adapters.get(domain)
+        if own is not None and own.id in state.answers.get(domain, {}):
+            echo(f"   {own.id.ljust(width)}  {state.answers[domain][own.id] or '(nothing)'}")
+        state.composite_answers[domain] = answers[domain][record.id]
+        echo(f"   {record.id.ljust(width)}  {answers[domain][record.id] or '(nothing)'}")
+    sets = composite_check.plan(records, state.workspace, lambda line: echo("   " + line))
+    with Registry.open(state.workspace.registry_path) as registry:
+        kept, _report = composite_check.run_check(
+            workspace=state.workspace,
+            registry=registry,
+            composite_id=record.id,
+            sets=sets,
+            options=Options(progress=False),
+            say=lambda line: None,
+        )
+    echo("")
+    echo(
+        "   Perplexity on each adapter's dev set, and how much of the adapter's gain over the base it keeps:"
+    )
+    for item in kept:
+        state.kept[item.domain] = item.kept
+        share = "n/a" if item.kept is None else f"{100 * item.kept:.0f}%"
+        echo(
+            f"   [{item.domain}] base {item.ppl_base:.2f}, {item.component_id} {item.ppl_component:.2f}, "
+            f"composite {item.ppl_composite:.2f}: keeps {share}"
+        )
+
+
 def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     root = state.workspace.root
     shown = shlex.quote(_shown(root))
@@ -497,6 +565,8 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(f"  {clara} -w {shown} adapters show {first}     # hashes, metrics, dataset_ref, config")
     echo(f"  {clara} -w {shown} adapters verify --rebuild {first}  # retrain and compare checksums")
     echo(f"  {clara} -w {shown} eval {first} --base-too            # perplexity on its dev set, recorded")
+    if state.composite is not None:
+        echo(f"  {clara} -w {shown} composite show {state.composite.id}  # components, weights, gain kept")
     echo(
         f"  {clara} -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
         "--dataset YOUR.jsonl   # your own data"
@@ -529,5 +599,6 @@ def run_quickstart(
     if serve:
         step_serve(state, echo, engine=engine)
     step_eval(state, echo)
+    step_composite(state, plugins, echo)
     step_next(state, echo)
     return state

@@ -305,6 +305,9 @@ def test_layer_conflicts_are_warned_with_each_components_share(ws):
         ws, "composite", "build", "--adapters", IDS["steuer"], IDS["verfahren"], "--weights", "1", "1"
     )
     assert result.exit_code == 0
+    # the next command is spelt as it can be typed here (no bare 'clara' that is not on PATH)
+    next_line = next(x for x in result.stdout.splitlines() if x.startswith("Next: "))
+    assert next_line.endswith("-m clara_core.cli composite show " + result.stdout.split()[2]), next_line
     assert "layer conflict: 4 module(s)" in result.stderr  # q_proj and v_proj of 2 layers
     line = next(x for x in result.stderr.splitlines() if "layers.0.self_attn.q_proj" in x)
     shares = [

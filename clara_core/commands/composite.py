@@ -129,6 +129,12 @@ def composite() -> None:
     is_flag=True,
     help="Write a full merged model folder (base weights plus the exact merged deltas) instead, for export.",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Then score the base, each component and the composite on each component's dev set from training "
+    "(clara eval matrix) and report and record what the composite keeps of each component's perplexity gain.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the registered entry and its errors as JSON.")
 @click.pass_context
 def build(ctx: click.Context, **values: Any) -> None:
@@ -144,11 +150,16 @@ def build(ctx: click.Context, **values: Any) -> None:
     component, or with --rank, the composite is a truncated SVD and the relative error of each module is
     recorded and printed. The result is a plain PEFT folder in models/composites/<hash6>_<domains>/; the same
     inputs give the same folder, and building it again says where it is. The components stay unchanged.
+
+    With --check, the kept fraction of each component's gain, (ppl_base - ppl_composite) / (ppl_base -
+    ppl_component) on that component's dev set, is printed and recorded (clara composite show prints it).
+    Components trained without --dev are skipped with a warning.
     """
     from ..composites import CompositeRequest, build_composite
 
     obj = ctx.obj
     adapter_ids = _split(values["adapter_ids"])
+    check_sets = _plan_check(obj, adapter_ids, values["merge_into_base"]) if values["check"] else None
     weights = _weights(_split(values["weights"])) if values["weights"] else None
     options = {
         key[len(_STRATEGY_OPTION_PREFIX) :]: value
@@ -169,12 +180,25 @@ def build(ctx: click.Context, **values: Any) -> None:
     workspace = obj.workspace()
     result = build_composite(request, workspace, obj.plugins, echo=lambda line: click.echo(line, err=True))
     record = result.record
+    check: dict[str, Any] | None = None
+    kept: list[Any] = []
+    if check_sets is not None:
+        kept, report = _run_check(obj, workspace, record.id, check_sets)
+        check = {"kept": [k.to_json() for k in kept], "report": str(report)}
     if values["as_json"]:
-        echo_json({**record.to_entry(), "existed": result.existed, "max_relative_error": result.max_error})
+        echo_json(
+            {
+                **record.to_entry(),
+                "existed": result.existed,
+                "max_relative_error": result.max_error,
+                **({"check": check} if check is not None else {}),
+            }
+        )
         return
     where = workspace.relative(record.path)
     if result.existed:
         click.echo(f"Composite {record.id} exists already at {where} (same inputs); nothing was written")
+        _print_kept(kept, check)
         return
     what = "merged model" if record.kind == "merged" else "composite"
     click.echo(f"Registered {what} {record.id} at {where}")
@@ -191,7 +215,51 @@ def build(ctx: click.Context, **values: Any) -> None:
             f"  relative error    max {result.max_error:.3e} ({worst}), "
             f"mean {sum(result.errors.values()) / len(result.errors):.3e} (Frobenius, per module)"
         )
-    click.echo(f"Next: clara composite show {record.id}")
+    _print_kept(kept, check)
+    from ..demo import clara_command  # spelt as the user can type it (.venv/bin/clara when not on PATH)
+
+    click.echo(f"Next: {clara_command()} composite show {record.id}")
+
+
+def _plan_check(obj: Any, adapter_ids: list[str], merge_into_base: bool) -> list[Any]:
+    """The check's dev sets, found (or refused) before anything is built."""
+    from ..composites import check
+
+    if merge_into_base:
+        raise InvalidInput(
+            "--check measures a composite adapter; build without --merge-into-base to check it "
+            "(a merged model is no adapter the matrix can load)"
+        )
+    workspace = obj.workspace()
+    with obj.registry() as registry:
+        registry.require_writable()
+        components = [registry.get_adapter(i) for i in dict.fromkeys(adapter_ids)]
+    return check.plan(components, workspace, lambda line: click.echo(line, err=True))
+
+
+def _run_check(obj: Any, workspace: Any, composite_id: str, sets: list[Any]) -> tuple[list[Any], Any]:
+    from ..composites import check
+    from ..evaluation.runner import Options
+
+    with obj.registry() as registry:
+        return check.run_check(
+            workspace=workspace,
+            registry=registry,
+            composite_id=composite_id,
+            sets=sets,
+            options=Options(),
+            say=lambda line: click.echo(line, err=True),
+        )
+
+
+def _print_kept(kept: list[Any], check: dict[str, Any] | None) -> None:
+    from ..composites.check import HEADERS, table
+
+    if check is None:
+        return
+    click.echo("Perplexity gain kept (on each component's dev set from training):")
+    echo_table(HEADERS, table(kept))
+    click.echo("  kept = (ppl_base - ppl_composite) / (ppl_base - ppl_component); recorded in the registry")
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -247,7 +315,10 @@ def list_composites(obj: Any, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 def show(obj: Any, composite_id: str, as_json: bool) -> None:
-    """Show a composite: its components with their checksums and weights, strategy, options and errors."""
+    """Show a composite: its components with their checksums and weights, strategy, options and errors, and
+    what it keeps of each component's perplexity gain once checked (composite build ... --check)."""
+    from ..composites import check
+
     with obj.registry() as registry:
         record = registry.get_adapter(composite_id)
         if record.kind not in ("composite", "merged"):
@@ -255,9 +326,10 @@ def show(obj: Any, composite_id: str, as_json: bool) -> None:
                 f"'{composite_id}' is an adapter, not a composite; see clara adapters show {composite_id}"
             )
         lineage = registry.lineage(record.id)
+        kept = check.recorded(registry, record.id)
     info = record.training_config.get("composite") or {}
     if as_json:
-        echo_json({**record.to_entry(), "lineage": lineage, "composite": info})
+        echo_json({**record.to_entry(), "lineage": lineage, "composite": info, "check": kept or None})
         return
     click.echo(f"{record.id}  ({record.kind}, strategy {record.method}, rank {record.rank})")
     click.echo(f"  path              {record.stored_path}")
@@ -281,3 +353,8 @@ def show(obj: Any, composite_id: str, as_json: bool) -> None:
             f"  layer conflicts   {len(info['conflicts'])} module(s) changed by more than one component"
         )
     click.echo(f"  clara version     {info.get('clara_version', '-')}")
+    if kept:
+        click.echo(f"Perplexity gain kept (checked {kept[0]['run_id'].partition(':')[2]}):")
+        echo_table(check.HEADERS, check.table(kept))
+    elif record.kind == "composite":
+        click.echo("  gain kept         not checked (build again with --check)")
