@@ -670,8 +670,12 @@ class EngineImpl(abc.ABC):
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Optional: one vector per text from the loaded *base* (no adapter), the mean of the last hidden
         states over the text's tokens. Routers that need embeddings use it in the server instead of loading a
-        second copy of the model; an engine without it leaves it out (see :func:`engine_can_embed`)."""
-        raise NotImplementedError
+        second copy of the model; an engine without it leaves it out (see :func:`engine_can_embed`), and
+        callers check :func:`engine_can_embed` first, so this default is reached only by a caller's mistake."""
+        raise PluginError(
+            f"the engine {type(self).__module__}.{type(self).__qualname__} cannot embed texts; check "
+            "engine_can_embed(engine) first and load the base for embeddings where it is false"
+        )
 
     def health(self) -> dict[str, Any]:
         """Engine-specific details for ``/health`` (device, batch sizes, base loads, ...)."""
