@@ -24,39 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+# the evaluation benchmark's base model, corpus reader and in-process CLI helper: one copy of each
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+from bench_eval import MODEL, clara, texts_of
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gesetze"
 DOMAINS = ("steuerrecht", "verfahren")
 CORPORA = ("steuerrecht", "sozialrecht", "verfahren", "allgemein")
-MODEL = {
-    "vocab_size": 4096,
-    "hidden_size": 256,
-    "intermediate_size": 704,
-    "num_layers": 4,
-    "num_heads": 8,
-    "num_kv_heads": 4,
-    "max_positions": 2048,
-}
 TARGET = 0.8
-
-
-def texts_of(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.open(encoding="utf-8") if line.strip()]
-
-
-def clara(workspace: Path, *args: str) -> str:
-    from click.testing import CliRunner
-
-    from clara_core.cli import ClaraContext, cli
-    from clara_core.plugins import PluginManager
-
-    result = CliRunner().invoke(
-        cli, ["-w", str(workspace), *args], obj=ClaraContext(plugins=PluginManager()), catch_exceptions=False
-    )
-    if result.exit_code != 0:
-        sys.exit(f"clara {' '.join(args)} failed:\n{result.output}")
-    return result.stdout
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_serve import free_port, wait_ready  # the sibling benchmark's server helpers (same folder)
+
 SIZE = {"hidden_size": 128, "intermediate_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4}
 PROMPT = "Das Finanzamt setzt die Steuer fest und der Bescheid ist schriftlich zu begründen"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_workspace(root: Path, adapters: int, rank: int) -> tuple[Path, list[str]]:
@@ -91,22 +86,6 @@ def start_server(workspace: Path, max_loaded: int, args: argparse.Namespace) -> 
         command += ["-o", f"threads={args.threads}"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server did not come up")
 
 
 def choices(ids: list[str], distribution: str, s: float, clients: int, per_client: int) -> list[list[str]]:
