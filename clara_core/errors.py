@@ -94,6 +94,10 @@ class InvalidInput(ClaraError):
     code = "invalid_input"
 
 
+class ExportRejected(ClaraError):
+    """An exporter wrote its files but its own verification refused them (the message says by how much)."""
+
+
 class PluginError(ClaraError):
     code = "plugin_error"
 

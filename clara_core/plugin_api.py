@@ -33,6 +33,7 @@ from .checks import check_adapter_for_base, read_verified_adapter
 from .errors import (
     ClaraError,
     Conflict,
+    ExportRejected,
     InvalidInput,
     NotFound,
     PluginError,
@@ -99,6 +100,7 @@ __all__ = [
     "EngineCapabilities",
     "EngineImpl",
     "EngineOptions",
+    "ExportRejected",
     "ExportRequest",
     "ExportResult",
     "Exporter",

@@ -614,6 +614,10 @@ class EngineOptions:
     #: Engine-specific options declared on the registration (``max_lora_rank`` for vLLM, ...).
     extra: dict[str, Any] = attrs.field(factory=dict)
     max_adapter_rank: int | None = None
+    #: The workspace folder for artefacts an engine derives from registered files and may reuse across runs
+    #: (``models/cache/``: converted GGUF bases and adapters, keyed by their source hashes), ``None`` where
+    #: there is no workspace. Engines write there atomically (a temporary name, then a rename).
+    cache_dir: Path | None = None
 
 
 class EngineImpl(abc.ABC):
@@ -714,11 +718,22 @@ class ExportRequest:
     base: BaseRecord
     out_dir: Path
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: The export's name (``--name``, else one clara derives from the adapter id), for file names and tags.
+    name: str = ""
+    #: The workspace folder for artefacts reused across exports and engines (``models/cache/``: a converted
+    #: base is cached there per ``base_model_hash`` and output type), ``None`` where there is no workspace.
+    cache_dir: Path | None = None
+    #: Progress lines for the user (clara prints them to stderr); long steps should report through it.
+    echo: Callable[[str], None] = attrs.field(default=lambda _line: None)
 
 
 class ExporterImpl(abc.ABC):
     """What an exporter provides. Writes into ``request.out_dir`` (a fresh temporary folder that clara renames
-    into place and registers only when the export returns without error)."""
+    into place and registers only when the export returns without error).
+
+    An export that was written but fails its own check raises :class:`clara_core.errors.ExportRejected`: clara
+    then keeps the folder aside under a name that says so (``NAME.rejected-<time>``) for inspection and
+    registers nothing. Any other error removes the folder."""
 
     @abc.abstractmethod
     def export(self, request: ExportRequest) -> ExportResult:
