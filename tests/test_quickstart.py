@@ -86,21 +86,20 @@ def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -
     )
     assert shown["metrics"]["ppl"] == pytest.approx(shown["metrics"]["ppl_dev"], rel=1e-5)
 
-    # Then a 50/50 composite of both adapters answers both domains' questions: measured, it keeps at least 80%
-    # of each adapter's perplexity gain on that adapter's dev set, and each answer is closer to the expected one
-    # than the base's (on the random-weight demo base the halved deltas blur the word-for-word answers).
+    # Then a composite of both adapters (each delta weighted 0.7) answers both domains' questions word for word,
+    # as each domain's own adapter does, and keeps at least 80% of each adapter's perplexity gain on that
+    # adapter's dev set (measured: 96% and 98% with the default steps).
     section = out.split("8. Composite", 1)[1].split("What to run next", 1)[0]
     composite = "steuerrecht_sozialrecht-weighted-r32-v1"
     assert f"Registered '{composite}'" in section and "exact" in section
+    assert "weights 0.7 0.7" in section and "why 0.7" in section
     for domain, question in demo.demo_questions().items():
         block = section.split(f"[{domain}] {question}", 1)[1].split("\n\n", 1)[0]
         answers = {
             line.split(None, 1)[0]: ([*line.split(None, 1), ""])[1] for line in block.strip().splitlines()
         }
         assert set(answers) == {"expected", f"{domain}-lora-r16-v1", composite}
-        base_answer = out.split(f"[{domain}] {question}", 1)[1].split("\n   base", 1)[1].split("\n", 1)[0]
-        expected = _words(demo.demo_answer(domain))
-        assert len(_words(answers[composite]) & expected) > len(_words(base_answer) & expected)
+        assert answers[composite] == demo.demo_answer(domain) == answers[f"{domain}-lora-r16-v1"]
         line = next(x for x in section.splitlines() if x.strip().startswith(f"[{domain}] base "))
         assert float(line.rsplit("keeps ", 1)[1].rstrip("%")) >= 80
     checked = json.loads(

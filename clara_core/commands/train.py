@@ -212,7 +212,8 @@ def train(ctx: click.Context, **values: Any) -> None:
 def create_demo(directory: Path) -> None:
     """Build the small demo base model into DIRECTORY, offline (Llama architecture, local tokenizer).
 
-    Its weights are random; it exists so that clara can be tried on a machine with no model and no network.
+    Its random weights are warmed up briefly on the demo's German texts (seeded, about half a minute on a CPU);
+    it exists so that clara can be tried on a machine with no model and no network.
     """
     from ..demo import build_demo_base
 
