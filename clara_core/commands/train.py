@@ -253,8 +253,8 @@ def quickstart(ctx: click.Context, directory: Path | None, method: str, steps: i
     Builds the demo base offline, writes example datasets for steuerrecht and sozialrecht, trains and
     registers an adapter for each, asks each domain's question to the base and to every adapter, then
     serves the base with both adapters hot-swapped in behind the HTTP API and asks the server the same,
-    evaluates them on both dev sets, and combines them 50/50 into a composite that is asked both questions
-    and measured for the perplexity gain it keeps of each adapter.
+    evaluates them on both dev sets, and combines them into a composite (each weighted 0.7) that is asked both
+    questions and measured for the perplexity gain it keeps of each adapter.
 
     Interrupted, the same command goes on where it stopped: adapters already trained with the same inputs are
     reused, an interrupted training continues from its checkpoint.
