@@ -332,7 +332,7 @@ def _add_model_metadata(writer: Any, base: BaseRecord, arch: str, outtype: str) 
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_file_type(OUTTYPES[outtype])
     writer.add_quantization_version(2)
-    writer.add_string("general.source.clara.base_model_hash", base.base_model_hash)
+    writer.add_string("clara.base_model_hash", base.base_model_hash)
     return rope
 
 

@@ -6,7 +6,7 @@ Fixtures (all session-scoped unless noted):
 - ``tiny_llama_dir`` / ``tiny_qwen2_dir``: folders with a tiny random model (safetensors) and clara's byte-level
   BPE tokenizer trained on German text; Qwen2 has biases and tied embeddings.
 - ``llama_base`` / ``qwen2_base``: :class:`BaseRecord` for those folders, as the registry would hold them
-  (``make_base_record`` builds one for any folder, e.g. a test's own variant).
+  (``make_base(path, name=None)`` builds one for any folder, e.g. a test's own variant).
 - ``demo_base_dir``: clara's demo base (``clara_core.demo.build_demo_base``), whose tokenizer llama.cpp does
   not know by name.
 - ``hf_logits(model_dir, ids, adapter_dir=None)``: transformers' logits (float32) for the last position of
@@ -78,6 +78,12 @@ def demo_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from clara_core.demo import build_demo_base
 
     return build_demo_base(tmp_path_factory.mktemp("gguf-demo") / "demo_base")
+
+
+@pytest.fixture(scope="session")
+def make_base() -> Callable[..., BaseRecord]:
+    """``make_base(path, name=None) -> BaseRecord`` (test files cannot import conftest under importlib mode)."""
+    return make_base_record
 
 
 @pytest.fixture(scope="session")
