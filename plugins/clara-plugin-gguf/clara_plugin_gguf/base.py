@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clara_core.plugin_api import BaseRecord, InvalidInput
+from clara_core.plugin_api import BaseRecord, InvalidInput, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -497,10 +497,9 @@ def convert_base(
     Hugging Face row order; they are added to the weights before conversion (a merged export). The file is
     written under a temporary name in ``dest``'s folder and renamed at the end: on any failure or Ctrl-C nothing
     is left at ``dest``. Progress lines (tensor count, size) go to ``echo``."""
-    from gguf import GGUFWriter
-
     from .vocab import read_vocabulary
 
+    GGUFWriter = require_gguf().GGUFWriter
     check_supported(base)
     if outtype not in OUTTYPES:
         raise InvalidInput(f"unknown GGUF output type '{outtype}' (choose from {', '.join(OUTTYPES)})")
@@ -520,6 +519,18 @@ def convert_base(
         checkpoint.close()
     echo(f"wrote {dest} ({_human(dest.stat().st_size)})")
     return dest
+
+
+def require_gguf() -> Any:
+    """The ``gguf`` module, or :class:`InvalidInput` with the install line where it cannot be imported."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise InvalidInput(
+            f"GGUF conversion needs the gguf library, which cannot be imported here ({first_line(exc)}); "
+            "pip install 'gguf>=0.10'"
+        ) from exc
+    return gguf
 
 
 def cached_base_path(base: BaseRecord, outtype: str, cache_dir: Path) -> Path:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from clara_core.plugin_api import BaseRecord, InvalidInput, write_json_atomic
+from clara_core.plugin_api import BaseRecord, InvalidInput, first_line, write_json_atomic
 
 #: Texts on which llama.cpp's tokenization must equal the Hugging Face tokenizer's.
 PROBE_TEXTS: tuple[str, ...] = (
@@ -156,12 +156,7 @@ def hf_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise InvalidInput(f"{path}: the tokenizer does not load ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise InvalidInput(f"{path}: the tokenizer does not load ({first_line(exc)})") from exc
 
 
 def _mentions(node: Any, type_name: str) -> bool:
@@ -369,7 +364,7 @@ def llama_cpp_token_ids(gguf_path: Path, texts: Iterable[str]) -> list[list[int]
     """Token ids llama.cpp gives ``texts`` with the vocabulary of ``gguf_path`` (loaded vocab-only, no special
     tokens added, special-token text parsed as in transformers)."""
     global _BACKEND_READY
-    import llama_cpp
+    llama_cpp = require_llama_cpp()
     from llama_cpp import _internals
 
     if not _BACKEND_READY:
@@ -439,10 +434,20 @@ def _cache_file(base: BaseRecord, cache_dir: Path | None) -> Path | None:
     return Path(cache_dir) / "gguf" / f"tokenizer-{base.tokenizer_hash[:16]}.json"
 
 
-def _llama_cpp_version() -> str:
-    import llama_cpp
+def require_llama_cpp() -> Any:
+    """The ``llama_cpp`` module, or :class:`InvalidInput` with the install line where it cannot be imported."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise InvalidInput(
+            "checking the tokenizer in llama.cpp needs llama-cpp-python, which cannot be imported here "
+            f"({first_line(exc)}); pip install llama-cpp-python"
+        ) from exc
+    return llama_cpp
 
-    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+def _llama_cpp_version() -> str:
+    return str(getattr(require_llama_cpp(), "__version__", "unknown"))
 
 
 def read_vocabulary(base: BaseRecord, *, cache_dir: Path | None = None, echo: Echo = print) -> Vocabulary:
@@ -490,7 +495,8 @@ def choose_variant(base: BaseRecord, vocabulary: Vocabulary, *, echo: Echo = pri
             try:
                 got = llama_cpp_token_ids(probe, PROBE_TEXTS)
             except (ValueError, RuntimeError):
-                continue  # a name this llama.cpp does not know
+                tried[-1] += " (does not load)"  # e.g. a name this llama.cpp does not know
+                continue
             if got == expected:
                 if vocabulary.model == "gpt2":
                     echo(f"tokenizer: llama.cpp pre-tokenizer '{candidate.pre}' tokenizes like the base's")

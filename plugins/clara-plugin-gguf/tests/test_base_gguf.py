@@ -484,3 +484,44 @@ def test_llama3_rotary_scaling_is_carried(
     # the scaling changes the logits: without rope_freqs the comparison above would fail
     plain = compare(llama_base, converted(llama_base, "f32"))
     assert max(abs(a[0] - b[0]).max() for a, b in zip(scaled, plain, strict=True)) > 1e-3
+
+
+def test_concurrent_callers_convert_the_cached_base_once(
+    llama_base: BaseRecord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from clara_plugin_gguf import base as base_module
+
+    real_convert = base_module.convert_base
+    conversions = []
+
+    def counting_convert(*args: Any, **kwargs: Any) -> Path:
+        conversions.append(1)
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(base_module, "convert_base", counting_convert)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(cached_base_gguf(llama_base, "f32", tmp_path, echo=_quiet))
+        )
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3 and len(set(results)) == 1 and results[0].is_file()
+    assert conversions == [1]
+
+
+def test_missing_llama_cpp_is_one_line_with_the_install_command(
+    llama_base: BaseRecord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    with pytest.raises(InvalidInput, match="pip install llama-cpp-python"):
+        convert_base(llama_base, "f32", tmp_path / "x.gguf", echo=_quiet)
+    assert not (tmp_path / "x.gguf").exists()
