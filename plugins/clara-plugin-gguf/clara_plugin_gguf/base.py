@@ -211,7 +211,11 @@ class _Checkpoint:
         self._stack = contextlib.ExitStack()
         self.location: dict[str, Any] = {}
         for file in _weight_files(path):
-            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            try:
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            except Exception as exc:
+                self._stack.close()
+                raise InvalidInput(f"{file}: unreadable safetensors weights ({first_line(exc)})") from exc
             for key in handle.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
                 self.location[key] = handle
 
@@ -506,6 +510,13 @@ def convert_base(
     arch = gguf_architecture(base.config)
     dest = Path(dest)
     vocabulary = read_vocabulary(base, cache_dir=cache_dir, echo=echo)
+    window = base.config.get("sliding_window")
+    uses_window = base.config.get("model_type") == "mistral" or base.config.get("use_sliding_window")
+    if window and uses_window and int(window) < int(base.config.get("max_position_embeddings", 0)):
+        echo(
+            f"note: the base attends over a sliding window of {window} tokens, llama.cpp over the whole "
+            f"context; they agree on texts up to {window} tokens"
+        )
     checkpoint = _Checkpoint(base.path)
     try:
         writer = GGUFWriter(None, arch)

@@ -525,3 +525,44 @@ def test_missing_llama_cpp_is_one_line_with_the_install_command(
     with pytest.raises(InvalidInput, match="pip install llama-cpp-python"):
         convert_base(llama_base, "f32", tmp_path / "x.gguf", echo=_quiet)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_sharded_bf16_llama_with_biases_converts(
+    tiny_llama_dir: Path, tmp_path: Path, make_base: Callable, compare: Callable
+) -> None:
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    folder = tmp_path / "biased_llama"
+    config = AutoConfig.from_pretrained(str(tiny_llama_dir))
+    config.attention_bias = True
+    config.mlp_bias = True
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape) * 0.05)
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_llama_dir / name, folder / name)
+    assert (folder / "model.safetensors.index.json").is_file()
+    base = make_base(folder)
+    path = convert_base(base, "f32", tmp_path / "biased.gguf", echo=_quiet)
+    written = _written(path)
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.ffn_down.bias"} <= set(written)
+    for expected, got in compare(base, path):
+        assert abs(expected - got).max() < 1e-4
+
+
+def test_unreadable_weights_are_one_line(tiny_llama_dir: Path, tmp_path: Path, make_base: Callable) -> None:
+    import shutil
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "broken")
+    base = make_base(folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(InvalidInput, match=r"model.safetensors: unreadable safetensors weights"):
+        convert_base(base, "f32", tmp_path / "broken.gguf", echo=_quiet)
+    assert not (tmp_path / "broken.gguf").exists()
