@@ -21,6 +21,7 @@ torch, safetensors, transformers, gguf and llama_cpp are imported inside the fun
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -235,18 +236,23 @@ class _Checkpoint:
 
 
 def _human(num: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num < 1024 or unit == "GB":
-            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+    if num < 1024:
+        return f"{num:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         num /= 1024
-    return f"{num:.1f} GB"
+        if num < 1024 or unit == "GB":
+            break
+    return f"{num:.1f} {unit}"
 
 
+@dataclasses.dataclass
 class _Plan:
-    """One output tensor: its GGUF name, where its data comes from, its shape and storage type."""
+    """One output tensor: its GGUF name, its (PyTorch-order) shape, storage type, and how to compute it."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], qtype: Any, source: Callable[[], np.ndarray]):
-        self.name, self.shape, self.qtype, self.source = name, shape, qtype, source
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any
+    source: Callable[[], np.ndarray]
 
 
 def _storage_type(outtype: str, gguf_name: str, shape: tuple[int, ...]) -> Any:
@@ -311,7 +317,8 @@ def _llama3_rope_factors(config: Mapping[str, Any], rope: Mapping[str, Any]) -> 
     return np.asarray(factors, dtype=np.float32)
 
 
-def _add_model_metadata(writer: Any, base: BaseRecord, arch: str, outtype: str) -> dict[str, Any]:
+def _add_model_metadata(writer: Any, base: BaseRecord, outtype: str) -> dict[str, Any]:
+    """The ``general.*`` and ``<arch>.*`` keys; returns the rotary settings for the tensors to follow."""
     config = base.config
     rope = _rope_settings(config, base.name)
     n_head = int(config["num_attention_heads"])
@@ -520,7 +527,7 @@ def convert_base(
     checkpoint = _Checkpoint(base.path)
     try:
         writer = GGUFWriter(None, arch)
-        rope = _add_model_metadata(writer, base, arch, outtype)
+        rope = _add_model_metadata(writer, base, outtype)
         vocabulary.add_to(writer)
         plans = _plan_tensors(base, checkpoint, outtype, deltas or {}, rope)
         with _atomic_path(dest) as tmp:

@@ -566,3 +566,22 @@ def test_unreadable_weights_are_one_line(tiny_llama_dir: Path, tmp_path: Path, m
     with pytest.raises(InvalidInput, match=r"model.safetensors: unreadable safetensors weights"):
         convert_base(base, "f32", tmp_path / "broken.gguf", echo=_quiet)
     assert not (tmp_path / "broken.gguf").exists()
+
+
+def test_a_delta_on_a_tied_lm_head_unties_it(
+    qwen2_base: BaseRecord, tmp_path: Path, prompts: tuple[str, ...], gguf_logits: Callable
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(qwen2_base.path), dtype=torch.float32)
+    embed = model.get_input_embeddings().weight
+    delta = torch.randn(embed.shape, generator=torch.Generator().manual_seed(4)) * 0.05
+    model.lm_head.weight = torch.nn.Parameter(embed.detach().clone() + delta)  # untied: embeddings unchanged
+    path = convert_base(qwen2_base, "f32", tmp_path / "untied.gguf", deltas={"lm_head": delta}, echo=_quiet)
+    assert "output.weight" in _written(path)
+    for prompt in prompts:
+        ids = _ids(qwen2_base, prompt)
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0, -1].numpy()
+        assert abs(expected - gguf_logits(path, ids)).max() < 1e-4
