@@ -18,9 +18,12 @@ does, the chat template from ``tokenizer_config.json`` or ``chat_template.jinja`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -344,6 +347,11 @@ def build_vocabulary(base: BaseRecord) -> Vocabulary:
     elif kind in ("BPE", "Unigram"):
         vocabulary = _spm_vocabulary(tokenizer, spec, n_vocab, path)
         vocabulary.add_space_prefix = _prefix_space(spec)
+        if vocabulary.token_types.count(BYTE) < 256:
+            raise InvalidInput(
+                f"{spec_file}: a SentencePiece-style tokenizer without the 256 byte tokens (<0x00>...<0xFF>); "
+                "llama.cpp needs them for characters outside the vocabulary, so it cannot be exported to GGUF"
+            )
     else:
         raise InvalidInput(
             f"{spec_file}: a {kind or 'unknown'} tokenizer; clara exports byte-level BPE and SentencePiece-style "
@@ -483,19 +491,22 @@ def read_vocabulary(base: BaseRecord, *, cache_dir: Path | None = None, echo: Ec
 
 def choose_variant(base: BaseRecord, vocabulary: Vocabulary, *, echo: Echo = print) -> Vocabulary:
     """Try each llama.cpp pre-tokenizer (or space-prefix setting) in turn; the first under which llama.cpp
-    tokenizes every probe text like transformers wins."""
+    tokenizes every probe text like transformers wins.
+
+    llama.cpp runs in a child process (:class:`_Prober`): a vocabulary it cannot handle may abort the process
+    that loads it, and that must not be clara's."""
+    require_llama_cpp()
     tokenizer = hf_tokenizer(base.path)
     expected = hf_token_ids(tokenizer, PROBE_TEXTS)
     tried = []
-    with tempfile.TemporaryDirectory(prefix="clara-gguf-vocab-") as folder:
+    with tempfile.TemporaryDirectory(prefix="clara-gguf-vocab-") as folder, _Prober(PROBE_TEXTS) as prober:
         for i, variant in enumerate(_variants(vocabulary, str(base.config.get("model_type") or ""))):
             candidate = vocabulary.with_variant(*variant)
             tried.append(_describe(variant, vocabulary.model))
             probe = write_vocab_only(Path(folder) / f"vocab-{i}.gguf", candidate)
-            try:
-                got = llama_cpp_token_ids(probe, PROBE_TEXTS)
-            except (ValueError, RuntimeError):
-                tried[-1] += " (does not load)"  # e.g. a name this llama.cpp does not know
+            got = prober.token_ids(probe)
+            if isinstance(got, str):
+                tried[-1] += f" ({got})"  # e.g. a name this llama.cpp does not know
                 continue
             if got == expected:
                 if vocabulary.model == "gpt2":
@@ -505,3 +516,78 @@ def choose_variant(base: BaseRecord, vocabulary: Vocabulary, *, echo: Echo = pri
         f"base '{base.name}': llama.cpp tokenizes its tokenizer differently from transformers under every "
         f"setting tried ({', '.join(tried)}); it cannot be exported to GGUF faithfully"
     )
+
+
+_PROBE_CHILD = """
+import json, os, sys
+from pathlib import Path
+replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+os.dup2(2, 1)  # whatever llama.cpp prints must not mix with the replies
+from clara_plugin_gguf.vocab import llama_cpp_token_ids
+texts = json.loads(sys.stdin.readline())
+for line in sys.stdin:
+    try:
+        reply = {"ids": llama_cpp_token_ids(Path(line.rstrip("\\n")), texts)}
+    except Exception as exc:
+        reply = {"error": "does not load"}
+    replies.write(json.dumps(reply) + "\\n")
+    replies.flush()
+"""
+
+
+class _Prober:
+    """Tokenizes the probe texts with candidate vocab-only GGUFs in a child process, restarted when a
+    candidate makes llama.cpp abort."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.texts = list(texts)
+        self.process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> _Prober:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop()
+
+    def _start(self) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _PROBE_CHILD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+        )
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(self.texts) + "\n")
+        process.stdin.flush()
+        return process
+
+    def _stop(self) -> None:
+        if self.process is not None:
+            if self.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def token_ids(self, gguf_path: Path) -> list[list[int]] | str:
+        """The token ids per probe text, or why there are none (a short phrase)."""
+        if self.process is None:
+            self.process = self._start()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(f"{gguf_path}\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except OSError:
+            line = ""
+        if not line:
+            self._stop()
+            return "llama.cpp aborted"
+        reply = json.loads(line)
+        return reply["ids"] if "ids" in reply else str(reply["error"])

@@ -585,3 +585,46 @@ def test_a_delta_on_a_tied_lm_head_unties_it(
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0, -1].numpy()
         assert abs(expected - gguf_logits(path, ids)).max() < 1e-4
+
+
+def test_a_sentencepiece_tokenizer_without_byte_tokens_is_refused(
+    tiny_llama_dir: Path, tmp_path: Path, make_base: Callable
+) -> None:
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from clara_core.demo import demo_texts
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "unigram")
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>", show_progress=False
+    )
+    tokenizer.train_from_iterator(demo_texts(), trainer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+    with pytest.raises(InvalidInput, match=r"without the 256 byte tokens"):
+        convert_base(make_base(folder), "f32", tmp_path / "unigram.gguf", echo=_quiet)
+    assert not (tmp_path / "unigram.gguf").exists()
+
+
+def test_a_vocabulary_that_aborts_llama_cpp_does_not_take_clara_down(
+    llama_base: BaseRecord, tmp_path: Path
+) -> None:
+    from clara_plugin_gguf.vocab import BYTE, NORMAL, Vocabulary, _Prober, build_vocabulary, write_vocab_only
+
+    # a SentencePiece vocabulary without byte tokens: llama.cpp aborts on a character it cannot place
+    crashing = Vocabulary(
+        model="llama", tokens=["<unk>", "▁a", "a"], token_types=[2, NORMAL, NORMAL], scores=[0.0, -1.0, -2.0]
+    )
+    assert BYTE not in crashing.token_types
+    good = build_vocabulary(llama_base).with_variant("gpt-2", None)
+    texts = ["a ü 🙂"]
+    with _Prober(texts) as prober:
+        assert prober.token_ids(write_vocab_only(tmp_path / "crash.gguf", crashing)) == "llama.cpp aborted"
+        ids = prober.token_ids(write_vocab_only(tmp_path / "good.gguf", good))
+    assert isinstance(ids, list) and len(ids[0]) > 0
