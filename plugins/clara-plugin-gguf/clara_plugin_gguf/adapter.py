@@ -49,6 +49,8 @@ _EMB_A_SUFFIXES = (".lora_embedding_A.weight", ".lora_embedding_A")
 _EMB_B_SUFFIXES = (".lora_embedding_B.weight", ".lora_embedding_B")
 #: Modules whose weights a GGUF LoRA adapter does not carry (they go through ``--merged``).
 _WHOLE_MODEL_MODULES = ("lm_head", "embed_tokens")
+#: Above this relative error of a DoRA module's SVD, the export says that --merged is exact.
+SVD_WARN_ERROR = 0.05
 #: The gguf architecture of each supported Hugging Face ``model_type`` (mistral converts as llama).
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
@@ -72,6 +74,8 @@ class AdapterTensors:
     embedding: dict[str, tuple[Any, Any]] = attrs.field(factory=dict)
     #: Whole trained weights (``modules_to_save``): the module's new weight.
     whole: dict[str, Any] = attrs.field(factory=dict)
+    #: The base's own weight, saved beside a LoRA of an embedding or lm_head (normally unchanged).
+    copies: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -148,6 +152,9 @@ def read_adapter_tensors(adapter: AdapterRecord) -> AdapterTensors:
             out.embedding[module] = (tensor, out.embedding.get(module, (None, None))[1])
         elif (module := _strip(name, _EMB_B_SUFFIXES)) is not None:
             out.embedding[module] = (out.embedding.get(module, (None, None))[0], tensor)
+        elif name.endswith(".base_layer.weight"):
+            # PEFT saves the base's own weight beside a LoRA of the embedding or lm_head (save_embedding_layers)
+            out.copies[name[: -len(".base_layer.weight")]] = tensor
         elif name.endswith(".weight"):  # modules_to_save: PEFT saves the trained copy under the module's name
             out.whole[name[: -len(".weight")]] = tensor
         else:
@@ -238,6 +245,11 @@ def export_factors(
             f"rank; relative error mean {sum(factors[m].error for m in dora) / len(dora):.2e}, "
             f"max {factors[worst].error:.2e} ({worst})"
         )
+        if factors[worst].error > SVD_WARN_ERROR:
+            echo(
+                f"The SVD drops {factors[worst].error:.0%} of a DoRA delta at this rank; export with --merged for "
+                "the exact model"
+            )
     return factors
 
 
@@ -318,6 +330,7 @@ def _write_lora_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the export is meant to be read by ollama's server
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -351,7 +364,7 @@ def merged_deltas(
     import torch
 
     tensors = read_adapter_tensors(adapter)
-    needed = sorted(set(tensors.magnitude) | set(tensors.whole))
+    needed = sorted(set(tensors.magnitude) | set(tensors.whole) | set(tensors.copies))
     weights = load_base_weights(base.path, needed) if needed else {}
     tied = bool((base.config or {}).get("tie_word_embeddings"))
     touched = [*tensors.modules, *tensors.embedding, *tensors.whole]
@@ -366,13 +379,17 @@ def merged_deltas(
     for module, (a, b) in tensors.embedding.items():
         # PEFT's Embedding LoRA: out = emb(x, A.T) @ B.T * s, so the weight [vocab, hidden] gains s * (B @ A).T
         deltas[module] = (tensors.scaling[module] * (b.double() @ a.double())).T.contiguous().float()
+    for module, copy in tensors.copies.items():  # a saved base weight that differs (a resized vocabulary...)
+        if module not in tensors.whole and not torch.equal(copy.float(), weights[module].float()):
+            tensors.whole[module] = copy
     for module, weight in tensors.whole.items():
         if tuple(weight.shape) != tuple(weights[module].shape):
             raise InvalidInput(
                 f"adapter '{adapter.id}' holds '{module}' of shape {tuple(weight.shape)}, but the base's is "
                 f"{tuple(weights[module].shape)} (a resized vocabulary?); it cannot be merged into this base"
             )
-        deltas[module] = (weight.to(torch.float64) - weights[module].to(torch.float64)).float()
+        change = (weight.to(torch.float64) - weights[module].to(torch.float64)).float()
+        deltas[module] = deltas[module] + change if module in deltas else change
     echo(f"Merging {len(deltas)} weight delta(s) of adapter '{adapter.id}' into the base")
     return deltas
 

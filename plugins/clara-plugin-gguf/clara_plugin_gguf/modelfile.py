@@ -214,7 +214,7 @@ def translate_chat_template(base: BaseRecord) -> TemplateTranslation:
     bos = getattr(tokenizer, "bos_token", None) or ""
 
     def render(messages: Messages) -> str:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
         # llama.cpp adds the BOS token itself (as transformers' template writes it): leave it out
         return text[len(bos) :] if bos and text.startswith(bos) else text
 

@@ -11,9 +11,10 @@ The check: ``max |logit_gguf - logit_ref|`` over every position of every prompt 
 margin (top-1 minus top-2 logit) is more than twice that bound (where the logits allow no tie to flip).
 
 An SVD-extracted adapter (DoRA) is compared with two references: the model its factors stand for (the base plus
-the exported factors' deltas, in torch), under the same tolerance, which proves the files; and the DoRA model
-itself, whose difference is reported and allowed to exceed the tolerance by exactly the difference the SVD makes
-in torch (``svd_logit_diff``, measured, not guessed): ``tolerance + svd_logit_diff``.
+the exported factors' deltas, in torch), under the same tolerance and top-1 rule, which proves the files; and the
+DoRA model itself, whose difference is reported and allowed to exceed the tolerance by exactly the difference the
+SVD makes in torch (``svd_logit_diff``, measured, not guessed): ``tolerance + svd_logit_diff``; the top-1
+agreement with the DoRA model is reported.
 """
 
 from __future__ import annotations
@@ -269,6 +270,10 @@ def verify_export(
         svd_diff = compare(reference, approx, outtype)["max_abs_diff"]
         conversion = compare(approx, produced, outtype)
         numbers = compare(reference, produced, outtype, extra=svd_diff)
+        # the top-1 rule holds the files to the model they stand for; against the DoRA model the SVD may move
+        # a top-1 token (top1_agreement says how often it did)
+        numbers["decisive"] = conversion["decisive"]
+        numbers["decisive_disagreements"] = conversion["decisive_disagreements"]
         result = Verification(
             outtype=outtype,
             reference=name,
