@@ -51,8 +51,6 @@ _EMB_B_SUFFIXES = (".lora_embedding_B.weight", ".lora_embedding_B")
 _WHOLE_MODEL_MODULES = ("lm_head", "embed_tokens")
 #: Above this relative error of a DoRA module's SVD, the export says that --merged is exact.
 SVD_WARN_ERROR = 0.05
-#: The gguf architecture of each supported Hugging Face ``model_type`` (mistral converts as llama).
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 def _noop(_line: str) -> None:
@@ -175,17 +173,6 @@ def read_adapter_tensors(adapter: AdapterRecord) -> AdapterTensors:
     return out
 
 
-def gguf_architecture(base: BaseRecord) -> str:
-    model_type = str((base.config or {}).get("model_type") or base.model_type or "")
-    try:
-        return GGUF_ARCHITECTURES[model_type]
-    except KeyError:
-        raise InvalidInput(
-            f"base '{base.name}' is a {model_type or 'model of unknown type'}; the GGUF export supports "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
-        ) from None
-
-
 @attrs.define
 class ModuleFactors:
     """What the GGUF file holds for one module, in the Hugging Face layout (before the rotary row reorder):
@@ -274,18 +261,13 @@ def convert_adapter(
             + ": a GGUF LoRA adapter carries LoRA factors of the transformer blocks' linear layers only; "
             "export it merged into the base instead (add --merged)"
         )
-    architecture = gguf_architecture(base)
+    architecture = gguf_base.gguf_architecture({"model_type": base.model_type, **(base.config or {})})
     factors = export_factors(tensors, base, echo)
     configured = float(tensors.config.get("lora_alpha") or 0.0)
     alpha = configured if configured > 0 and math.isfinite(configured) else 0.0
     named: list[tuple[str, Any, Any]] = []
     for module, f in factors.items():
         hf_name = gguf_base.tensor_name(base.config, module)
-        if not hf_name:
-            raise InvalidInput(
-                f"adapter '{adapter.id}' adapts '{module}', which has no tensor in the GGUF base; "
-                "export it merged into the base instead (add --merged)"
-            )
         rank = int(f.lora_A.shape[0])
         llama_scale = alpha / rank if alpha else 1.0
         lora_b = (f.lora_B / llama_scale).float().numpy()
@@ -364,15 +346,12 @@ def merged_deltas(
     import torch
 
     tensors = read_adapter_tensors(adapter)
-    needed = sorted(set(tensors.magnitude) | set(tensors.whole) | set(tensors.copies))
-    weights = load_base_weights(base.path, needed) if needed else {}
     tied = bool((base.config or {}).get("tie_word_embeddings"))
-    touched = [*tensors.modules, *tensors.embedding, *tensors.whole]
-    if tied and any(m.rsplit(".", 1)[-1] in _WHOLE_MODEL_MODULES for m in touched):
-        raise InvalidInput(
-            f"adapter '{adapter.id}' changes the embedding or lm_head of base '{base.name}', whose lm_head is "
-            "tied to its embedding: one GGUF tensor cannot hold the two different weights"
-        )
+    needed = sorted(set(tensors.magnitude) | set(tensors.whole) | set(tensors.copies))
+    # a tied lm_head has no weight of its own in the checkpoint: it is the embedding's
+    stored = {m: ("model.embed_tokens" if tied and m == "lm_head" else m) for m in needed}
+    loaded = load_base_weights(base.path, sorted(set(stored.values()))) if needed else {}
+    weights = {m: loaded[name] for m, name in stored.items()}
     deltas: dict[str, Any] = {}
     for module in tensors.modules:
         deltas[module] = tensors.dense(module, weights.get(module)).float()
@@ -390,6 +369,10 @@ def merged_deltas(
             )
         change = (weight.to(torch.float64) - weights[module].to(torch.float64)).float()
         deltas[module] = deltas[module] + change if module in deltas else change
+    if tied and "model.embed_tokens" in deltas and "lm_head" not in deltas:
+        # the embedding changes, the output must not: a zero lm_head delta makes the conversion write the
+        # output matrix on its own (the original embedding) instead of reusing the changed one
+        deltas["lm_head"] = torch.zeros_like(deltas["model.embed_tokens"])
     echo(f"Merging {len(deltas)} weight delta(s) of adapter '{adapter.id}' into the base")
     return deltas
 

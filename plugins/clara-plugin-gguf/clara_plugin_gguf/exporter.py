@@ -99,7 +99,9 @@ class OllamaExporter(ExporterImpl):
             deltas = merged_deltas(adapter, base, echo=echo)
             model_file = out / f"{name}.{outtype}.gguf"
             echo(f"Converting base '{base.name}' with the adapter merged to GGUF ({outtype}) ...")
-            gguf_base.convert_base(base, outtype, model_file, deltas=deltas, echo=echo)
+            gguf_base.convert_base(
+                base, outtype, model_file, deltas=deltas, echo=echo, cache_dir=_cache(request.cache_dir)
+            )
             details["method"] = "merged"
         else:
             # the adapter first: its refusals (lm_head, modules_to_save, ...) come before any base conversion
@@ -116,7 +118,7 @@ class OllamaExporter(ExporterImpl):
                 details["base_gguf"] = f"{place_file(cached, model_file)} from {cached}"
             else:
                 echo(f"Converting base '{base.name}' to GGUF ({outtype}) ...")
-                gguf_base.convert_base(base, outtype, model_file, echo=echo)
+                gguf_base.convert_base(base, outtype, model_file, echo=echo, cache_dir=None)
 
         translation = translate_chat_template(base)
         details["chat_template"] = translation.family
@@ -160,6 +162,10 @@ class OllamaExporter(ExporterImpl):
         if options["create"]:
             message = run_ollama_create(name, modelfile)
         return ExportResult(files=files, details=details, message=message)
+
+
+def _cache(cache_dir: Path | None) -> Path | None:
+    return Path(cache_dir) if cache_dir is not None else None
 
 
 def _options(raw: Any) -> dict[str, Any]:
