@@ -35,24 +35,24 @@ def exporter_options() -> tuple[Option, ...]:
             "merged",
             bool,
             False,
-            "write one GGUF with the adapter merged into the base (needed for adapters of the embedding or "
+            "Write one GGUF with the adapter merged into the base (needed for adapters of the embedding or "
             "lm_head, and for modules_to_save) instead of base + GGUF LoRA adapter.",
         ),
         Option(
             "outtype",
             str,
             DEFAULT_OUTTYPE,
-            f"weight type of the GGUF base (the adapter is float32); {tolerance_text()}.",
+            f"Weight type of the GGUF base (the adapter is float32); {tolerance_text()}.",
             choices=OUTTYPES,
         ),
         Option(
             "verify",
             bool,
             True,
-            "load the export with llama-cpp-python and compare its logits with transformers + the adapter; "
+            "Load the export with llama-cpp-python and compare its logits with transformers + the adapter; "
             "a failed check keeps the folder aside as NAME.rejected-<time> (--no-verify skips it).",
         ),
-        Option("create", bool, False, "run 'ollama create NAME -f Modelfile' when ollama is on PATH."),
+        Option("create", bool, False, "Run 'ollama create NAME -f Modelfile' when ollama is on PATH."),
     )
 
 
