@@ -328,3 +328,28 @@ def test_an_unsupported_architecture_is_named_with_the_supported_ones(registered
     ):
         export(registered, adapter, gpt2, tmp_path / "out")
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_the_cli_registers_a_verified_export_and_keeps_a_rejected_one_aside(
+    registered, tmp_path, monkeypatch
+):
+    from clara_plugin_gguf import verify
+
+    ws = Workspace.find(Path(shutil.copytree(registered.root, tmp_path / "ws")))
+    adapter, _ = records(ws, "rs")
+    result = cli_run(ws, "export", "ollama", adapter.id, "--outtype", "f32", "--json")
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.stdout)
+    assert entry["name"] == f"{adapter.id}-f32"  # the core's default: the id and the non-default options
+    assert [f["path"] for f in entry["files"]] == ["tiny.f32.gguf", f"{entry['name']}.lora.gguf", "Modelfile"]
+    assert entry["details"]["verification"]["passed"] is True
+    assert entry["details"]["adapter_checksum"] == adapter.adapter_checksum
+
+    monkeypatch.setitem(verify.TOLERANCES, "f16", 0.0)
+    result = cli_run(ws, "export", "ollama", adapter.id, "--name", "strict")
+    assert result.exit_code != 0
+    assert "verification failed" in result.output and "Traceback" not in result.output
+    kept = [p.name for p in ws.exports_dir.iterdir() if p.name.startswith("strict.rejected-")]
+    assert len(kept) == 1 and (ws.exports_dir / kept[0] / "Modelfile").is_file()
+    listed = json.loads(cli_run(ws, "export", "list", "--json").stdout)
+    assert [e["name"] for e in listed] == [entry["name"]]  # the rejected one is not registered
