@@ -116,9 +116,14 @@ def read_adapter_tensors(adapter: AdapterRecord) -> AdapterTensors:
     """The adapter's tensors, read from the bytes whose checksum matches the registry (``Conflict`` otherwise)."""
     from safetensors.torch import load
 
+    what = f"adapter '{adapter.id}'"
+    if getattr(adapter, "kind", "adapter") == "merged":
+        raise InvalidInput(
+            f"'{adapter.id}' is a full model with the adapters merged in (composite build --merge-into-base), "
+            "not an adapter; build the composite without --merge-into-base and export that with --merged"
+        )
     files = read_verified_adapter(adapter)
     config = dict(files.config)
-    what = f"adapter '{adapter.id}'"
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise InvalidInput(
             f"{what} is a {config.get('peft_type')} adapter; the ollama export converts LoRA and DoRA adapters"

@@ -318,8 +318,9 @@ def test_the_cache_converts_once_per_checksum_and_refuses_changed_files(register
 def test_adapters_a_gguf_lora_cannot_express_are_refused_in_one_line(registered, tmp_path, change, said):
     from types import SimpleNamespace
 
-    from clara_core.plugin_api import adapter_checksum
     from clara_plugin_gguf.adapter import convert_adapter, merged_deltas
+
+    from clara_core.plugin_api import adapter_checksum
 
     _ws, made = registered
     folder = Path(shutil.copytree(made["plain"], tmp_path / "adapter"))
@@ -327,7 +328,10 @@ def test_adapters_a_gguf_lora_cannot_express_are_refused_in_one_line(registered,
     (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
     adapter = SimpleNamespace(id="odd-lora-r4-v1", path=folder, adapter_checksum=adapter_checksum(folder))
     _, base = records(registered[0], "plain")
-    for attempt in (lambda: convert_adapter(adapter, base, tmp_path / "x.gguf"), lambda: merged_deltas(adapter, base)):
+    for attempt in (
+        lambda: convert_adapter(adapter, base, tmp_path / "x.gguf"),
+        lambda: merged_deltas(adapter, base),
+    ):
         with pytest.raises(InvalidInput) as caught:
             attempt()
         assert said in str(caught.value) and str(caught.value).startswith("adapter 'odd-lora-r4-v1'")

@@ -353,3 +353,20 @@ def test_the_cli_registers_a_verified_export_and_keeps_a_rejected_one_aside(
     assert len(kept) == 1 and (ws.exports_dir / kept[0] / "Modelfile").is_file()
     listed = json.loads(cli_run(ws, "export", "list", "--json").stdout)
     assert [e["name"] for e in listed] == [entry["name"]]  # the rejected one is not registered
+
+
+def test_a_merged_model_is_refused_with_the_way_to_export_it(registered, tmp_path):
+    ws = Workspace.find(Path(shutil.copytree(registered.root, tmp_path / "ws")))
+    plain, _ = records(ws, "plain")
+    rs, _ = records(ws, "rs")
+    result = cli_run(
+        ws, "composite", "build", "--adapters", plain.id, rs.id, "--strategy", "additive", "--merge-into-base",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = cli_run(ws, "export", "ollama", json.loads(result.stdout)["id"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "not an adapter; build the composite without --merge-into-base and export that with --merged" in (
+        result.output
+    )
+    assert not ws.exports_dir.exists() or not list(ws.exports_dir.iterdir())
