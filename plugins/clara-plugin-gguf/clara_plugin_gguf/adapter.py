@@ -294,7 +294,13 @@ def _write_lora_gguf(
     name: str,
     checksum: str | None,
 ) -> None:
-    import gguf
+    try:
+        import gguf
+    except ImportError as exc:
+        raise InvalidInput(
+            f"writing a GGUF adapter needs the gguf package ({exc}): pip install 'gguf>=0.10' "
+            "(or pip install -e plugins/clara-plugin-gguf)"
+        ) from None
     import numpy as np
 
     dest = Path(dest)

@@ -177,9 +177,9 @@ def gguf_logits(model_path: Path, lora_path: Path | None, ids: list[list[int]]) 
         from llama_cpp import Llama
     except ImportError as exc:
         raise ClaraError(
-            "verifying a GGUF export needs llama-cpp-python: pip install -c scripts/constraints.txt "
-            f"-e plugins/clara-plugin-gguf (or export with --no-verify) ({first_line(exc)})"
-        ) from exc
+            f"verifying a GGUF export needs llama-cpp-python ({first_line(exc)}): pip install llama-cpp-python "
+            "(or pip install -e plugins/clara-plugin-gguf; it compiles llama.cpp once), or export with --no-verify"
+        ) from None
     import numpy as np
 
     longest = max(len(row) for row in ids)

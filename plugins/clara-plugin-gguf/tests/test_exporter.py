@@ -370,3 +370,27 @@ def test_a_merged_model_is_refused_with_the_way_to_export_it(registered, tmp_pat
         result.output
     )
     assert not ws.exports_dir.exists() or not list(ws.exports_dir.iterdir())
+
+
+def test_missing_llama_cpp_python_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    from clara_plugin_gguf import verify
+
+    from clara_core.plugin_api import ClaraError
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    with pytest.raises(ClaraError) as caught:
+        verify.gguf_logits(tmp_path / "m.gguf", None, [[1, 2, 3]])
+    message = str(caught.value)
+    assert "pip install llama-cpp-python" in message and "--no-verify" in message and "\n" not in message
+    assert not isinstance(caught.value, ExportRejected)  # nothing wrong with the files: not kept aside
+
+
+def test_a_base_without_tokenizer_is_refused_before_anything_is_written(registered, tmp_path):
+    import attrs
+
+    adapter, base = records(registered, "plain")
+    folder = Path(shutil.copytree(base.path, tmp_path / "no-tokenizer"))
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(InvalidInput, match="has no tokenizer"):
+        export(registered, adapter, attrs.evolve(base, path=folder), tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())
