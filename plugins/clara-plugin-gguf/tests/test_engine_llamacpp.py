@@ -403,7 +403,7 @@ def test_clara_engine_llamacpp_serve_as_a_process(workspace: Workspace) -> None:
         "--port",
         str(port),
     ]
-    command += ["-o", "outtype=f32", "-o", "n_ctx=256", "--preload", SOZIAL]
+    command += ["--base", "tiny", "-o", "outtype=f32", "-o", "n_ctx=256", "--preload", SOZIAL]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
