@@ -306,9 +306,11 @@ class LlamaCppEngine(EngineImpl):
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 60)
-        self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 60)
+            if thread.is_alive():  # a decode that does not end: freeing the model under it would crash
+                return
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
@@ -351,9 +353,10 @@ class LlamaCppEngine(EngineImpl):
 
         try:
             return Path(cached_adapter_gguf(adapter, self.base, self._cache(), echo=_echo))
-        except ClaraError as exc:
+        except ClaraError as exc:  # the converter's reason, and where the adapter can be served instead
             raise AdapterNotServable(
-                f"the llamacpp engine cannot serve adapter '{adapter.id}': {exc}"
+                f"the llamacpp engine cannot serve adapter '{adapter.id}': {exc} (the transformers engine "
+                "serves the adapter as it is)"
             ) from exc
         except Exception as exc:
             raise AdapterNotServable(

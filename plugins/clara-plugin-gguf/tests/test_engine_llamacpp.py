@@ -301,6 +301,25 @@ def test_stop_strings_seeded_sampling_ignore_eos_and_streaming(client: httpx.Cli
     assert streamed == generate(client, PROMPTS[2], SOZIAL)["text"]
 
 
+def test_a_client_leaving_mid_stream_frees_the_worker_for_the_next_request(client: httpx.Client) -> None:
+    body = {"prompt": PROMPTS[0], "adapter_id": STEUER, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    generated = details(client)["tokens_generated"]
+    with client.stream("POST", "/generate", json=body) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    deadline = time.monotonic() + 60
+    while details(client)["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = details(client)
+    assert after["running"] == 0 and after["tokens_generated"] - generated < 400  # stopped, not finished
+    assert generate(client, PROMPTS[1], SOZIAL, max_tokens=3)["usage"]["completion_tokens"] >= 1
+
+
+def test_a_top_p_that_keeps_one_token_samples_the_greedy_answer(client: httpx.Client) -> None:
+    greedy = generate(client, PROMPTS[3], SOZIAL)["text"]
+    assert generate(client, PROMPTS[3], SOZIAL, temperature=1.0, top_p=0.001, seed=3)["text"] == greedy
+
+
 def test_openai_client_completions_chat_and_streaming(server: Any, workspace: Workspace) -> None:
     import openai
     from transformers import AutoTokenizer
@@ -487,3 +506,50 @@ def test_registered_lazily_without_heavy_imports() -> None:
     options, heavy = out.strip().splitlines()[-2:]
     assert options == "['n_ctx', 'n_gpu_layers', 'n_threads', 'outtype']"
     assert heavy == "[]", out
+
+
+TEMPLATES = [
+    # the tiny base's own
+    None,
+    # bos_token, a system message folded into the first turn, raise_exception on a broken alternation,
+    # whitespace control and loop variables, as in the Llama 2 family's templates
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = '' %}{% set rest = messages %}{% endif %}\n"
+    "{% for message in rest %}\n"
+    "  {% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}\n"
+    "  {% if loop.first and system %}[SYS]{{ system | trim }}[/SYS] {% endif %}"
+    "{% if message['role'] == 'user' %}[INST] {{ message['content'] | trim }} [/INST]"
+    "{% else %} {{ message['content'] | trim }} {{ eos_token }}{% endif %}\n"
+    "{% endfor %}{{ messages | length | tojson }}",
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=["tiny", "llama2-like"])
+def test_chat_templates_render_as_transformers_renders_them(tmp_path: Path, template: str | None) -> None:
+    from clara_plugin_gguf.engine import render_template
+    from transformers import AutoTokenizer
+
+    from clara_core.tinymodels import build_tokenizer
+
+    build_tokenizer([], tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    if template is not None:
+        tokenizer.chat_template = template
+    special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+    conversations = [
+        [{"role": "user", "content": "Wer setzt die Steuer fest?"}],
+        [
+            {"role": "system", "content": " Antworte kurz. "},
+            {"role": "user", "content": "Wer?"},
+            {"role": "assistant", "content": "Das Finanzamt."},
+            {"role": "user", "content": "Und wann?"},
+        ],
+    ]
+    for messages in conversations:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_template(tokenizer.chat_template, messages, special) == expected
+    broken = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    if template is not None:
+        with pytest.raises(Exception, match="alternate"):
+            render_template(tokenizer.chat_template, broken, special)
