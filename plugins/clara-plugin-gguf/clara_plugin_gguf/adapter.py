@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -270,6 +271,8 @@ def convert_adapter(
     factors = export_factors(tensors, base, echo)
     configured = float(tensors.config.get("lora_alpha") or 0.0)
     alpha = configured if configured > 0 and math.isfinite(configured) else 0.0
+    # the file stores alpha as float32 and llama.cpp computes with that value: fold against the same number
+    alpha = float(struct.unpack("f", struct.pack("f", alpha))[0])
     named: list[tuple[str, Any, Any]] = []
     for module, f in factors.items():
         hf_name = gguf_base.tensor_name(base.config, module)
