@@ -42,6 +42,7 @@ NEEDS_CONVERSION = (
 )
 STEUER, SOZIAL = "steuer-lora-r4-v1", "sozial-lora-r4-v1"
 ADAPTERS = [STEUER, SOZIAL]
+DORA = "umwelt-dora-r4-v1"  # served as the SVD of its exact delta (the converter's choice), error reported
 WITH_HEAD = "kopf-lora-r4-v1"  # trains a full copy of lm_head: no LoRA form llama.cpp can load
 OTHER_BASE_ADAPTER = "fremd-lora-r4-v1"
 PROMPTS = ["Das Finanzamt setzt", "Der Bescheid ist", "Die Verwaltung entscheidet", "Leistungen nach diesem"]
@@ -91,6 +92,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         path = random_lora_adapter(tiny, made / adapter_id, seed=11 + i)
         _register(ws, path, adapter_id.split("-")[0], "tiny")
     _register(ws, adapter_with_lm_head(tiny, made / WITH_HEAD), "kopf", "tiny")
+    _register(ws, random_lora_adapter(tiny, made / DORA, seed=21, use_dora=True), "umwelt", "tiny")
     _register(ws, random_lora_adapter(other, made / "fremd", seed=8), "fremd", "other")
     return ws
 
@@ -397,6 +399,13 @@ def test_an_adapter_the_converter_refuses_is_a_409_naming_it_and_the_server_serv
     assert f"cannot serve adapter '{WITH_HEAD}'" in error["message"] and "\n" not in error["message"]
     assert WITH_HEAD not in client.get("/health").json()["loaded_adapters"]
     assert generate(client, PROMPTS[0], STEUER, max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_a_dora_adapter_is_served_with_the_converters_svd_error_in_health(client: httpx.Client) -> None:
+    dora = generate(client, PROMPTS[0], DORA)
+    assert dora["adapter_id"] == DORA and dora["text"] != generate(client, PROMPTS[0], None)["text"]
+    notes = details(client)["adapter_conversions"][DORA]
+    assert any("DoRA" in line and "error" in line for line in notes), notes
 
 
 # -- the real command --------------------------------------------------------------------------------------------
