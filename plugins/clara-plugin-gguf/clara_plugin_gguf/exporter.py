@@ -109,6 +109,7 @@ class OllamaExporter(ExporterImpl):
         }
         lora_file: Path | None = None
         conversion = None
+        model: BaseRecord | None = None  # a merged model's own folder
         if merged_model:
             model = merged_model_record(adapter, base, echo=echo)
             model_file = out / f"{name}.{outtype}.gguf"
@@ -170,9 +171,9 @@ class OllamaExporter(ExporterImpl):
             from .verify import verify_export
 
             factors = factors_as_mapping(conversion) if conversion is not None and conversion.errors else None
-            if merged_model:
+            if model is not None:
                 verification = verify_export(
-                    merged_model_record(adapter, base, checked=True),
+                    model,
                     None,
                     model_path=model_file,
                     lora_path=None,
@@ -204,32 +205,29 @@ class OllamaExporter(ExporterImpl):
         return ExportResult(files=files, details=details, message=message)
 
 
-def merged_model_record(
-    adapter: AdapterRecord, base: BaseRecord, *, checked: bool = False, echo: Any = None
-) -> BaseRecord:
+def merged_model_record(adapter: AdapterRecord, base: BaseRecord, *, echo: Any = None) -> BaseRecord:
     """The merged model folder of ``adapter`` (kind ``merged``) as a :class:`BaseRecord` to convert: its own
-    path, config and hash (the entry's ``adapter_checksum``, which is the folder's ``base_model_hash``), the
-    base's tokenizer hash and name. Unless ``checked``, the folder's config and weights are hashed first and a
-    mismatch with the registry is refused (:class:`Conflict`), so what is exported is what was registered."""
+    name, path, config and hash (the entry's ``adapter_checksum``, which is the folder's ``base_model_hash``),
+    the base's tokenizer hash. The folder's config and weights are hashed first and a mismatch with the registry
+    is refused (:class:`Conflict`), so what is exported is what was registered."""
     import json
 
     import attrs
 
     path = Path(adapter.path)
-    if not checked:
-        if echo is not None:
-            echo(f"Checking the merged model's files in {path} against the registry ...")
-        try:
-            actual = base_model_hash(path)
-        except InvalidInput as exc:
-            raise InvalidInput(
-                f"merged model '{adapter.id}' in {path} cannot be read: {first_line(exc)}"
-            ) from None
-        if actual != adapter.adapter_checksum:
-            raise Conflict(
-                f"merged model '{adapter.id}': the files in {path} (hash {actual[:12]}) are not the registered "
-                f"ones ({adapter.adapter_checksum[:12]}); 'clara adapters verify {adapter.id}' shows what changed"
-            )
+    if echo is not None:
+        echo(f"Checking the merged model's files in {path} against the registry ...")
+    try:
+        actual = base_model_hash(path)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"merged model '{adapter.id}' in {path} cannot be read: {first_line(exc)}"
+        ) from None
+    if actual != adapter.adapter_checksum:
+        raise Conflict(
+            f"merged model '{adapter.id}': the files in {path} (hash {actual[:12]}) are not the registered "
+            f"ones ({adapter.adapter_checksum[:12]}); 'clara adapters verify {adapter.id}' shows what changed"
+        )
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
