@@ -10,7 +10,7 @@ hundred MB in f16; no hub), two rank-16 LoRA adapters on every linear projection
     request alternating between the adapters, against a 1-token request on the adapter it already has, and
     against reloading the model with the other adapter, ``Llama(model_path, lora_path=...)`` then the same
     1-token request (what llama-cpp-python, llama-server and Ollama need to change adapters);
-(3) tokens/s: one request at a time (a 32-token prompt, 128 answer tokens, greedy, ``ignore_eos``) sent to a real
+(3) tokens/s: one request at a time (a 16-token prompt, 128 answer tokens, greedy, ``ignore_eos``) sent to a real
     ``clara --engine llamacpp serve`` process, against plain llama-cpp-python's own ``Llama.generate`` loop on the
     same GGUF base and adapter (``lora_path``) in this process, interleaved, best of ``--repeats`` each; both use
     the same threads and an f16 KV cache, and their greedy answers are compared.
@@ -201,11 +201,14 @@ def throughput(
     )
     body = {"prompt": PROMPT, "adapter_id": adapter.id, "max_tokens": out_tokens, "ignore_eos": True}
 
+    prompt_tokens: list[int] = []
+
     def served() -> tuple[float, int, str]:
         started = time.perf_counter()
         response = httpx.post(url + "/generate", json=body, timeout=600)
         response.raise_for_status()
         answer = response.json()
+        prompt_tokens.append(answer["usage"]["prompt_tokens"])
         return time.perf_counter() - started, answer["usage"]["completion_tokens"], answer["text"]
 
     def library() -> tuple[float, int, str]:
@@ -239,6 +242,7 @@ def throughput(
     engine_tps = engine_best[1] / engine_best[0]
     plain_tps = plain_best[1] / plain_best[0]
     return {
+        "prompt_tokens": prompt_tokens[-1],
         "output_tokens": out_tokens,
         "engine_tokens_per_s": engine_tps,
         "plain_llama_cpp_tokens_per_s": plain_tps,

@@ -43,6 +43,9 @@ from clara_core.plugin_api import (
     first_line,
 )
 
+# the output types of the GGUF base (``-o outtype=``), and its default, are ``clara export ollama``'s
+from .exporter import DEFAULT_OUTTYPE, OUTTYPES
+
 #: What a user reads when the ``llamacpp`` engine is asked for where llama-cpp-python is missing.
 NOT_INSTALLED = (
     "llama-cpp-python is not installed, so the 'llamacpp' engine cannot start: pip install clara-plugin-gguf "
@@ -56,9 +59,6 @@ NOTES = (
     "the KV cache is cleared before every request"
 )
 
-#: The output types of the GGUF base (``-o outtype=``); the default matches ``clara export ollama``'s.
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-DEFAULT_OUTTYPE = "f16"
 DEFAULT_N_CTX = 4096
 
 

@@ -408,6 +408,58 @@ def test_a_dora_adapter_is_served_with_the_converters_svd_error_in_health(client
     assert any("DoRA" in line and "error" in line for line in notes), notes
 
 
+def test_requests_take_turns_in_the_order_they_arrive(workspace: Workspace) -> None:
+    """The worker is held while four requests on alternating adapters arrive; released, it serves them one at a
+    time in arrival order, switching the adapter set before each, and every answer is its adapter's."""
+    import threading
+
+    from clara_core.types import EngineOptions, GenerationRequest
+
+    found = records(workspace)
+    jobs = [(STEUER, PROMPTS[0]), (SOZIAL, PROMPTS[0]), (STEUER, PROMPTS[1]), (None, PROMPTS[1])]
+
+    async def main() -> None:
+        options = EngineOptions(extra={"outtype": "f32"}, cache_dir=workspace.cache_dir)
+        engine = PluginManager().engine("llamacpp").create(found["base"], options)
+        await engine.start()
+        try:
+            for adapter_id in ADAPTERS:
+                await engine.load_adapter(found[adapter_id])
+
+            async def answer(adapter: str | None, prompt: str) -> str:
+                request = GenerationRequest(prompt=prompt, adapter_id=adapter, max_tokens=MAX_TOKENS)
+                return "".join([chunk.text async for chunk in engine.generate(request)])
+
+            alone = [await answer(a, p) for a, p in jobs]
+            entered, gate = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                entered.set()
+                gate.wait()
+
+            held = asyncio.ensure_future(engine._call(hold))
+            await asyncio.to_thread(entered.wait, 60)
+            done: list[int] = []
+            tasks = []
+            for i, (adapter, prompt) in enumerate(jobs):
+                task = asyncio.ensure_future(answer(adapter, prompt))
+                task.add_done_callback(lambda _t, i=i: done.append(i))
+                tasks.append(task)
+                while engine.health()["waiting"] < i + 1:  # queued in this order
+                    await asyncio.sleep(0)
+            switches = engine.health()["adapter_switches"]
+            gate.set()
+            await held
+            assert await asyncio.gather(*tasks) == alone
+            assert done == [0, 1, 2, 3]
+            assert engine.health()["adapter_switches"] - switches == 4  # steuer, sozial, steuer, none
+            assert engine.health()["base_loads"] == 1
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
 # -- the real command --------------------------------------------------------------------------------------------
 
 
