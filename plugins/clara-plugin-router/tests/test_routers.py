@@ -13,7 +13,7 @@ from clara_core.plugin_api import InvalidInput, RouteRequest, RouterFitRequest
 VOCAB = ["steuer", "sozial", "klage"]
 
 
-def embed(texts):
+def embed(texts, *, layer=None):
     """A vector per text: how often each domain word occurs, plus a constant all texts share."""
     return [[t.lower().count(w) + 0.1 for w in VOCAB] + [1.0] for t in texts]
 
@@ -32,9 +32,9 @@ EXAMPLES = {
 def fit(router, tmp_path: Path | None = None, **options):
     counted = []
 
-    def counting(texts):
+    def counting(texts, *, layer=None):
         counted.extend(texts)
-        return embed(texts)
+        return embed(texts, layer=layer)
 
     router.fit(
         RouterFitRequest(
