@@ -20,6 +20,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ["steuerrecht", "sozialrecht", "verfahren"]
+#: configurations measured: label -> (router, options)
+CONFIGS = {
+    # the embedding router as first built: last hidden states, centred, no whitening
+    "embedding-last": ("embedding", {"layer": -1, "whiten": 0.0}),
+    "embedding": ("embedding", {}),  # its defaults: token embeddings (layer 0), centred, whitened
+    "keyword": ("keyword", {}),
+}
 UNSEEN = {"steuerrecht": {"UStG 1980"}, "sozialrecht": {"SGB 1"}, "verfahren": {"VwVG", "VwZG 2005"}}
 
 
@@ -64,6 +71,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plots", type=Path, help="write the confusion matrices (PNG) into this folder")
     parser.add_argument("--sample", type=int, default=400, help="training texts per adapter")
+    parser.add_argument(
+        "--routers",
+        default=",".join(CONFIGS),
+        help=f"comma-separated configurations to run (default: all of {', '.join(CONFIGS)})",
+    )
     args = parser.parse_args()
 
     from clara_core.plugins import PluginManager
@@ -128,20 +140,21 @@ def main() -> None:
         records = [(r["text"], r["domain"]) for r in read(labeled)]
         if args.quick:
             records = records[::10]
-        for router in ("embedding", "keyword"):
+        for label in args.routers.split(","):
+            router, options = CONFIGS[label]
             start = time.perf_counter()
-            fit_router(ws, plugins, router, data=data, sample=sample, embed=embed)
+            fit_router(ws, plugins, router, data=data, sample=sample, embed=embed, options=options)
             fit_s = time.perf_counter() - start
             loaded = load_router(ws, plugins, router)
             result = evaluate(loaded, records, embed if loaded.router.needs_embeddings else None)
-            result.update(split=split, fit_seconds=fit_s)
+            result.update(split=split, fit_seconds=fit_s, config=label, options=options)
             results.append(result)
             if args.plots:
                 args.plots.mkdir(parents=True, exist_ok=True)
-                name = f"confusion-{router}-{split.replace(' ', '-')}.png"
+                name = f"confusion-{label}-{split.replace(' ', '-')}.png"
                 plot_confusion(result, args.plots / name)
             print(
-                f"{split:12} {router:10} accuracy {result['accuracy']:.1%}  p50 "
+                f"{split:12} {label:15} accuracy {result['accuracy']:.1%}  p50 "
                 f"{result['latency_seconds']['p50'] * 1000:.2f} ms  p95 {result['latency_seconds']['p95'] * 1000:.2f} ms"
                 f"  ({result['records']} prompts)",
                 flush=True,
