@@ -62,7 +62,7 @@ def dev_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_gesetze
-@pytest.mark.parametrize("router", ["keyword", "embedding"])
+@pytest.mark.parametrize("router", ["keyword", "embedding", "arrow"])
 def test_fit_eval_and_route_on_the_law_corpora(
     law_ws: Workspace, dev_file: Path, router: str, tmp_path: Path
 ) -> None:

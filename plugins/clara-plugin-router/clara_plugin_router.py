@@ -332,6 +332,158 @@ class EmbeddingRouter(RouterImpl):
         )
 
 
+# -- arrow --------------------------------------------------------------------------------------------------------
+
+ARROW_FORMAT = 1
+#: LoRA modules whose input is not the (normed) residual stream entering their decoder layer: left out
+_NOT_RESIDUAL = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "wo", "fc2", "dense_4h_to_h"}
+_LAYER_OF = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def top_right_singular_vector(a: Any, b: Any, iterations: int = 50, seed: int = 0) -> Any:
+    """The top right singular vector of ``b @ a`` (LoRA's delta, up to its scale) by power iteration on
+    ``a.T @ (b.T @ b) @ a``, never forming the ``out x in`` delta: each step costs ``O(r * (in + out))``."""
+    import numpy as np
+
+    gram = b.T @ b  # r x r
+    v = np.random.default_rng(seed).standard_normal(a.shape[1])
+    v /= max(float(np.linalg.norm(v)), 1e-12)
+    for _ in range(iterations):
+        w = a.T @ (gram @ (a @ v))
+        norm = float(np.linalg.norm(w))
+        if norm == 0.0:
+            return v
+        v = w / norm
+    return v
+
+
+def lora_prototypes(folder: Path) -> list[tuple[int, str, Any]]:
+    """``(layer, module, v)`` for every LoRA pair of the PEFT adapter in ``folder``: ``v`` the top right
+    singular vector of its delta (the direction of the input the adapter changes most)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise InvalidInput(f"{folder}: no adapter_model.safetensors; the arrow router reads the LoRA weights")
+    tensors = load_file(str(file))
+    out = []
+    for key, a in sorted(tensors.items()):
+        if ".lora_A." not in key:
+            continue
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        found = _LAYER_OF.search(key)
+        if b is None or found is None or a.dim() != 2:
+            continue
+        module = key.split(".lora_A.")[0].rsplit(".", 1)[-1]
+        v = top_right_singular_vector(a.double().numpy(), b.double().numpy())
+        out.append((int(found.group(1)), module, np.asarray(v)))
+    return out
+
+
+class ArrowRouter(RouterImpl):
+    """Training-free routing from the adapters' own weights (PEFT's Arrow, at prompt level): per LoRA module
+    the top right singular vector ``v`` of its delta ``B @ A`` is a prototype; a prompt's score for an adapter is
+    the mean over the adapter's modules of ``|<h, v>|``, ``h`` the prompt's normalised mean hidden state entering
+    that module's decoder layer. The best adapter wins; the base answers when its score is below the threshold
+    (fitted on held-out training texts as for ``embedding``, or set by hand)."""
+
+    needs_embeddings = True
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.prototypes: Any = None  # (n, dim)
+        self.layers: Any = None  # (n,) the decoder layer of each prototype
+        self.owners: Any = None  # (n,) the adapter (index into state["adapters"]) of each prototype
+
+    def fit(self, request: RouterFitRequest) -> None:
+        import numpy as np
+
+        if request.embed is None:
+            raise InvalidInput("the arrow router needs the base model's hidden states")
+        threshold = _threshold(request.options)
+        dim = len(request.embed(["a"], layer=0)[0])
+        rows, layers, owners = [], [], []
+        for index, adapter in enumerate(request.adapters):
+            mine = [
+                (layer, v)
+                for layer, module, v in lora_prototypes(Path(adapter.path))
+                if module not in _NOT_RESIDUAL and len(v) == dim
+            ]
+            if not mine:
+                raise InvalidInput(
+                    f"adapter '{adapter.id}' has no LoRA module on the hidden states (q/k/v, gate/up "
+                    "projections); the arrow router cannot route to it"
+                )
+            for layer, v in mine:
+                rows.append(v)
+                layers.append(layer)
+                owners.append(index)
+        self.prototypes = np.stack(rows)
+        self.layers = np.asarray(layers, dtype=np.int64)
+        self.owners = np.asarray(owners, dtype=np.int64)
+        self.state = {
+            "format": ARROW_FORMAT,
+            "adapters": [a.id for a in request.adapters],
+            "threshold": threshold,
+            "threshold_source": "option" if threshold is not None else "held-out",
+        }
+        if threshold is None:
+            held = [t for a in request.adapters for t in request.held_out.get(a.id, [])]
+            best = [d.score for d in self._route(held, request.embed, 0.0)] if held else [0.0]
+            self.state["threshold"] = max(0.0, float(np.quantile(best, 0.05)) - 0.01)
+
+    def _route(self, prompts: Sequence[str], embed: Any, threshold: float) -> list[RouteDecision]:
+        import numpy as np
+
+        ids = list(self.state["adapters"])
+        sums = np.zeros((len(prompts), len(ids)))
+        counts = np.bincount(self.owners, minlength=len(ids)).astype(np.float64)
+        for layer in sorted(set(self.layers.tolist())):
+            h = _unit(np.asarray(embed(list(prompts), layer=int(layer)), dtype=np.float64))
+            here = self.layers == layer
+            sims = np.abs(h @ self.prototypes[here].T)  # (prompts, prototypes of this layer)
+            for j, owner in enumerate(self.owners[here]):
+                sums[:, owner] += sims[:, j]
+        scores = sums / np.maximum(counts, 1.0)
+        out = []
+        for row in scores:
+            best = int(np.argmax(row))
+            score = float(row[best])
+            per = {a: round(float(x), 6) for a, x in zip(ids, row, strict=True)}
+            out.append(RouteDecision(ids[best] if score >= threshold else None, score, per))
+        return out
+
+    def route(self, request: RouteRequest) -> RouteDecision:
+        return self.route_batch([request])[0]
+
+    def route_batch(self, requests: Sequence[RouteRequest]) -> list[RouteDecision]:
+        if not requests:
+            return []
+        if requests[0].embed is None:
+            raise InvalidInput("the arrow router needs the base model's hidden states")
+        return self._route([r.prompt for r in requests], requests[0].embed, float(self.state["threshold"]))
+
+    def save(self, state_dir: Path) -> None:
+        import numpy as np
+
+        with (state_dir / ARRAYS_FILE).open("wb") as f:
+            np.savez(f, prototypes=self.prototypes, layers=self.layers, owners=self.owners)
+        (state_dir / STATE_FILE).write_text(json.dumps(self.state), encoding="utf-8")
+
+    def load(self, state_dir: Path) -> None:
+        import numpy as np
+
+        state = _read_state(state_dir)
+        if state.get("format") != ARROW_FORMAT:
+            raise ValueError(f"its state has format {state.get('format')}; this router reads {ARROW_FORMAT}")
+        with np.load(state_dir / ARRAYS_FILE, allow_pickle=False) as stored:
+            self.prototypes = np.asarray(stored["prototypes"])
+            self.layers = np.asarray(stored["layers"])
+            self.owners = np.asarray(stored["owners"])
+        self.state = state
+
+
 # -- keyword ------------------------------------------------------------------------------------------------------
 
 _WORD = re.compile(r"[^\W\d_]{4,}")
@@ -453,6 +605,19 @@ def register_routers(register: Any) -> None:
                     0.5,
                     "whitening by the within-domain covariance (0: none, 1: full; shrunk towards the identity)",
                 ),
+            ],
+        )
+    )
+    register(
+        Router(
+            "arrow",
+            ArrowRouter,
+            "training-free, from the adapters' own LoRA weights: per module the top right singular vector of "
+            "its delta against the prompt's hidden state entering that layer (experimental)",
+            [
+                Option(
+                    "threshold", float, None, "score below which the base answers (0..1; default: held-out)"
+                )
             ],
         )
     )
