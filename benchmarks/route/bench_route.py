@@ -12,20 +12,26 @@ Usage: python benchmarks/route/bench_route.py [--quick] [--json results.json] [-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ["steuerrecht", "sozialrecht", "verfahren"]
+#: trained adapters for the arrow router, kept between runs
+CACHE = Path(tempfile.gettempdir()) / "clara-bench-route-adapters"
 #: configurations measured: label -> (router, options)
 CONFIGS = {
     # the embedding router as first built: last hidden states, centred, no whitening
     "embedding-last": ("embedding", {"layer": -1, "whiten": 0.0}),
     "embedding": ("embedding", {}),  # its defaults: token embeddings (layer 0), centred, whitened
     "keyword": ("keyword", {}),
+    "arrow": ("arrow", {}),  # from the trained adapters' own weights
 }
 UNSEEN = {"steuerrecht": {"UStG 1980"}, "sozialrecht": {"SGB 1"}, "verfahren": {"VwVG", "VwZG 2005"}}
 
@@ -65,6 +71,32 @@ def gen_seconds(base: Path, prompts: list[str], tokens: int = 32) -> float:
     return statistics.median(times)
 
 
+def trained_adapter(base: Any, data: Path, domain: str, clara: Any, ws: Path, *, steps: int) -> Path | None:
+    """A small LoRA adapter of ``domain`` trained on ``data`` (the seen laws' train sections), kept in a cache
+    folder between runs (keyed by the base's hash, the data and the settings): the cached folder to register,
+    or ``None`` when it was trained (and registered) now."""
+    settings = ["--rank", "8", "--max-steps", str(steps), "--batch-size", "8", "--max-seq-len", "128"]
+    settings += ["--lr", "3e-3", "--dropout", "0", "--seed", "0"]
+    key = hashlib.sha256(
+        json.dumps([base.base_model_hash, hashlib.sha256(data.read_bytes()).hexdigest(), settings]).encode()
+    ).hexdigest()[:16]
+    cached = CACHE / f"{domain}-{key}"
+    if (cached / "adapter_model.safetensors").is_file():
+        print(f"{domain}: trained adapter from the cache {cached}", flush=True)
+        return cached
+    start = time.perf_counter()
+    clara("train", "--base", "base", "--domain", domain, "--dataset", str(data), *settings)
+    listed = json.loads(clara("adapters", "list", "--json"))
+    out = ws / next(a["path"] for a in listed if a["domain"] == [domain])  # relative to the workspace
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = CACHE / f".{domain}-{key}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(out, partial)
+    partial.rename(cached)
+    print(f"{domain}: trained {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny base, small samples (a smoke run)")
@@ -76,8 +108,12 @@ def main() -> None:
         default=",".join(CONFIGS),
         help=f"comma-separated configurations to run (default: all of {', '.join(CONFIGS)})",
     )
+    parser.add_argument("--train-steps", type=int, default=30, help="training steps of each arrow adapter")
     args = parser.parse_args()
 
+    from click.testing import CliRunner
+
+    from clara_core.cli import ClaraContext, cli
     from clara_core.plugins import PluginManager
     from clara_core.registry import Registry
     from clara_core.routing import evaluate, fit_router, load_router, local_embedder, plot_confusion
@@ -102,22 +138,7 @@ def main() -> None:
     base = build_llama(tmp / "base", texts=corpus, seed=0, **size)
     ws, _ = Workspace.init(tmp / "ws")
     with Registry.open(ws.registry_path) as registry:
-        registry.add_base(base, name="base", workspace=ws)
-        for i, domain in enumerate(DOMAINS):
-            registry_adapter = random_lora_adapter(base, tmp / "made" / domain, seed=i + 1)
-            from click.testing import CliRunner
-
-            from clara_core.cli import ClaraContext, cli
-
-            out = CliRunner().invoke(
-                cli,
-                ["adapters", "register", str(registry_adapter), "--domain", domain, "--base", "base"],
-                obj=ClaraContext(workspace=ws.root, plugins=PluginManager()),
-            )
-            assert out.exit_code == 0, out.output
-    with Registry.open(ws.registry_path) as registry:
-        base_record = registry.choose_base(None)
-    embed = local_embedder(base_record)
+        base_record = registry.add_base(base, name="base", workspace=ws)
 
     splits = {}
     train = {d: read(gesetze / d / "train.jsonl") for d in DOMAINS}
@@ -126,13 +147,33 @@ def main() -> None:
         {d: write(tmp / f"train-{d}.jsonl", train[d]) for d in DOMAINS},
         write(tmp / "dev.jsonl", [r for d in DOMAINS for r in dev[d]]),
     )
+    seen = {
+        d: write(tmp / f"seen-{d}.jsonl", [r for r in train[d] if r["law"] not in UNSEEN[d]]) for d in DOMAINS
+    }
     splits["unseen laws"] = (
-        {
-            d: write(tmp / f"seen-{d}.jsonl", [r for r in train[d] if r["law"] not in UNSEEN[d]])
-            for d in DOMAINS
-        },
+        seen,
         write(tmp / "unseen.jsonl", [r for d in DOMAINS for r in train[d] + dev[d] if r["law"] in UNSEEN[d]]),
     )
+
+    def clara(*argv: str) -> str:
+        out = CliRunner().invoke(
+            cli, list(argv), obj=ClaraContext(workspace=ws.root, plugins=PluginManager())
+        )
+        assert out.exit_code == 0, out.output
+        return str(out.output)
+
+    arrow = any(CONFIGS[label][0] == "arrow" for label in args.routers.split(","))
+    for i, domain in enumerate(DOMAINS):
+        if arrow:  # the arrow router reads the adapters' weights: they must have learned their domain
+            folder = trained_adapter(
+                base_record, seen[domain], domain, clara, ws.root, steps=args.train_steps
+            )
+        else:  # the other routers only read the training texts: any adapter will do
+            folder = random_lora_adapter(base, tmp / "made" / domain, seed=i + 1)
+        if folder is not None:
+            clara("adapters", "register", str(folder), "--domain", domain, "--base", "base")
+    embed = local_embedder(base_record)
+
     sample = 40 if args.quick else args.sample
     results = []
     plugins = PluginManager()
