@@ -153,10 +153,12 @@ def _register_core_commands() -> None:
     from .commands.report import report
 
     cli.add_command(report)
+    from .commands.export import export
     from .commands.router import route, router
 
     cli.add_command(router)
     cli.add_command(route)
+    cli.add_command(export)
 
 
 _register_core_commands()

@@ -206,3 +206,27 @@ def m002_provenance_and_removed_ids(db: Database) -> None:
             },
             pk="id",
         )
+
+
+@migrations()
+def m003_exports(db: Database) -> None:
+    """``exports``: one row per finished export (``clara export NAME ID``): where it lies, every file with its
+    sha256, the exporter's options and details (verification numbers), and the checksums of its sources."""
+    db.table("exports").create(
+        {
+            "name": str,
+            "exporter": str,
+            "adapter_id": str,
+            "adapter_checksum": str,
+            "base_model_hash": str,
+            "path": str,
+            "files": str,  # JSON list of {"path", "sha256", "size_bytes"}, paths relative to the export folder
+            "options": str,  # JSON
+            "details": str,  # JSON
+            "message": str,
+            "created": str,
+        },
+        pk="name",
+        not_null={"exporter", "adapter_id", "path", "files", "created"},
+    )
+    db.table("exports").create_index(["adapter_id"])

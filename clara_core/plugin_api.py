@@ -20,14 +20,18 @@ What is here:
 - the errors a plugin raises (:class:`ClaraError` and its subclasses; one line: what, where, what to do) and
   :func:`first_line` to quote a library's exception in one;
 - helpers trainer methods build on (:func:`load_causal_lm`, :func:`lora_config`, ...) and file helpers that
-  never leave a half-written file (:func:`write_text_atomic`, :func:`write_json_atomic`).
+  never leave a half-written file (:func:`write_text_atomic`, :func:`write_json_atomic`);
+- the LoRA tensor helpers composites use, for exporters that convert adapters (:func:`lora_scaling`,
+  :func:`load_base_weights`, :func:`svd_lora_factors`, :func:`lora_relative_error`).
 
 Importing this module is cheap: nothing heavy (torch, transformers, peft, vllm) is imported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .checks import check_adapter_for_base, read_verified_adapter
 from .errors import (
@@ -80,6 +84,38 @@ from .types import (
     TrainerMethodImpl,
 )
 from .workspace import Workspace
+
+
+def lora_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:
+    """The LoRA scaling PEFT applies to ``module`` (``model.layers.0.self_attn.q_proj``) of an adapter with
+    ``config`` (its ``adapter_config.json``) and this module's ``rank``: alpha/r, or alpha/sqrt(r) with rsLoRA,
+    ``alpha_pattern`` honoured."""
+    from .composites.tensors import module_scaling
+
+    return module_scaling(config, module, rank)
+
+
+def load_base_weights(base_path: Path, modules: Iterable[str]) -> dict[str, Any]:
+    """The dense float32 weights ``[out, in]`` of ``modules`` (names without ``.weight``) from the safetensors
+    files of the base folder ``base_path``, reading only those tensors; :class:`InvalidInput` names missing ones."""
+    from .composites.tensors import load_base_weights as load
+
+    return load(base_path, modules)
+
+
+def svd_lora_factors(delta: Any, rank: int) -> tuple[Any, Any]:
+    """The truncated SVD of the dense ``delta`` ``[out, in]`` (a torch tensor) as balanced LoRA factors
+    ``(A [rank, in], B [out, rank])`` with ``B @ A`` the best rank-``rank`` approximation (scaling 1)."""
+    from .composites.tensors import _svd_factors
+
+    return _svd_factors(delta, rank)
+
+
+def lora_relative_error(delta: Any, lora_A: Any, lora_B: Any) -> float:
+    """``||delta - B @ A||_F / ||delta||_F`` in float64 (0.0 for a zero ``delta``)."""
+    from .composites.tensors import _relative_error
+
+    return _relative_error(delta.double(), lora_A, lora_B)
 
 
 def find_registry_path(start: Path | None = None) -> Path:
@@ -137,11 +173,15 @@ __all__ = [
     "first_line",
     "hookimpl",
     "linear_module_names",
+    "load_base_weights",
     "load_causal_lm",
     "lora_config",
+    "lora_relative_error",
+    "lora_scaling",
     "read_adapter_config",
     "read_verified_adapter",
     "resolve_target_modules",
+    "svd_lora_factors",
     "validate_adapter_id",
     "write_json_atomic",
     "write_text_atomic",

@@ -59,6 +59,8 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("merge strategy", "dare_linear"): "clara-plugin-merge-ties",
     ("router", "embedding"): "clara-plugin-router",
     ("router", "keyword"): "clara-plugin-router",
+    ("exporter", "ollama"): "clara-plugin-gguf",
+    ("engine", "llamacpp"): "clara-plugin-gguf",
 }
 
 R = TypeVar("R", bound=Registration)

@@ -12,7 +12,7 @@ import getpass
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -730,6 +730,35 @@ class Registry:
     def lineage(self, composite_id: str) -> list[dict[str, Any]]:
         rows = self.db["lineage"].rows_where("composite_id = ?", [composite_id], order_by="position")
         return [{**r, "options": _loads(r["options"], {})} for r in rows]
+
+    def add_export(self, entry: Mapping[str, Any]) -> None:
+        """Record a finished export (see migration ``m003_exports``); its name must be new."""
+        with self.transaction():
+            if list(self.db["exports"].rows_where("name = ?", [entry["name"]])):
+                raise Conflict(
+                    f"an export named '{entry['name']}' is registered already; choose another --name "
+                    "(clara export list shows them)"
+                )
+            row = dict(entry)
+            for key in ("files", "options", "details"):
+                row[key] = _dumps(row.get(key) or ({} if key != "files" else []))
+            row.setdefault("created", utcnow())
+            self.db.table("exports").insert(row)
+            self.audit(
+                "export.add", entry["name"], {"adapter_id": entry["adapter_id"], "path": entry["path"]}
+            )
+
+    def list_exports(self, adapter_id: str | None = None) -> list[dict[str, Any]]:
+        """Registered exports, oldest first, JSON columns decoded, ``path`` as stored."""
+        where, args = ("adapter_id = ?", [adapter_id]) if adapter_id else (None, [])
+        rows = self.db["exports"].rows_where(where, args, order_by="created, name")
+        return [
+            {**r, **{k: _loads(r[k], [] if k == "files" else {}) for k in ("files", "options", "details")}}
+            for r in rows
+        ]
+
+    def get_export(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.list_exports() if e["name"] == name), None)
 
     def add_metrics(
         self,

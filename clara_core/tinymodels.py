@@ -69,8 +69,7 @@ def build_llama(
     seed: int = 0,
 ) -> Path:
     """Write a randomly initialised Llama model and its tokenizer (safetensors) to ``out_dir``."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(texts, out_dir, vocab_size=vocab_size)
     config = LlamaConfig(
@@ -86,12 +85,63 @@ def build_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return _save_random_model(LlamaForCausalLM, config, tokenizer, out_dir, seed)
+
+
+def build_qwen2(
+    out_dir: Path,
+    *,
+    texts: Iterable[str] = (),
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_positions: int = 512,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Like :func:`build_llama`, a Qwen2 model (biases on q/k/v, NeoX rotary order, tied embeddings as in the
+    small Qwen2 models), for tests that need a second architecture."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    # transformers loads a qwen2 base's tokenizer as Qwen2Tokenizer, whose unk token is <|endoftext|>
+    tokenizer.add_tokens(["<|endoftext|>"], special_tokens=True)
+    tokenizer.save_pretrained(out_dir)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save_random_model(Qwen2ForCausalLM, config, tokenizer, out_dir, seed)
+
+
+def _save_random_model(model_class: Any, config: Any, tokenizer: Any, out_dir: Path, seed: int) -> Path:
+    import torch
+    from transformers import GenerationConfig
+
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     finally:
         torch.random.set_rng_state(generator_state)
+    biases = [param for name, param in model.named_parameters() if name.endswith(".bias")]
+    if biases:  # transformers starts biases at zero; random ones let a test notice a misplaced bias
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in biases:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -706,8 +706,9 @@ def engine_can_embed(engine: EngineImpl) -> bool:
 
 @attrs.define
 class ExportResult:
-    """What an export wrote: every file (recorded with its sha256 in the registry) and anything to tell the
-    user (``ollama create ...``)."""
+    """What an export wrote: every file, inside ``request.out_dir`` (absolute, or relative to it; clara records
+    each with its sha256 in the registry), ``details`` to record beside them (verification numbers, errors),
+    and a ``message`` for the user (``ollama create ...``)."""
 
     files: list[Path]
     details: dict[str, Any] = attrs.field(factory=dict)

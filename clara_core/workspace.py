@@ -69,6 +69,17 @@ class Workspace:
         return self.root / "models" / "composites"
 
     @property
+    def exports_dir(self) -> Path:
+        """Finished exports (``clara export``), one folder per export name."""
+        return self.root / "models" / "exports"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Artefacts derived from registered files and reused across runs (converted GGUF bases and adapters),
+        keyed by their sources' hashes; safe to delete (they are rebuilt)."""
+        return self.root / "models" / "cache"
+
+    @property
     def metadata_dir(self) -> Path:
         return self.root / "metadata"
 

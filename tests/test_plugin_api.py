@@ -199,7 +199,11 @@ def test_every_plugin_pins_the_core_version_range_it_works_with(folder):
 def test_known_providers_name_only_plugins_that_exist():
     existing = {folder.name for folder in PLUGIN_DIRS}
     assert set(KNOWN_PROVIDERS.values()) <= existing
-    assert "clara-plugin-gguf" not in KNOWN_PROVIDERS.values()
+    assert (
+        KNOWN_PROVIDERS[("exporter", "ollama")]
+        == KNOWN_PROVIDERS[("engine", "llamacpp")]
+        == "clara-plugin-gguf"
+    )
 
 
 # -- create(): the implementation is checked and the plugin named -----------------------------------------------
@@ -623,7 +627,11 @@ def test_clara_serve_hands_the_engine_the_largest_rank_of_the_served_bases_adapt
         )
         return built[-1]
 
-    assert serve_options().max_adapter_rank is None  # nothing registered yet
+    first = serve_options()
+    assert first.max_adapter_rank is None  # nothing registered yet
+    assert (
+        first.cache_dir == workspace_with_base.root / "models" / "cache"
+    )  # engines' converted files go there
 
     with Registry.open(workspace_with_base.registry_path) as registry:
         base = registry.get_base("tiny")

@@ -136,7 +136,9 @@ def test_torchrun_two_processes_register_one_adapter(
         *_train_args(tiny_base_dir, dataset, "--max-steps", "4"),
     ]  # fmt: skip
     command[command.index("--micro-batch-size") + 1] = "2"
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    # Two CPU processes (gloo), also on a machine with fewer than two GPUs: one process per GPU is the rule there.
+    env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch 8 = 2 x 2 accumulation x 2 processes" in result.stderr
     rows = adapters_in(workspace)
@@ -145,3 +147,17 @@ def test_torchrun_two_processes_register_one_adapter(
     assert config["world_size"] == 2 and config["gradient_accumulation_steps"] == 2
     assert result.stdout.count("Registered steuerrecht-lora-r4-v1") == 1
     assert len(list(workspace.adapters_dir.rglob("adapter_model.safetensors"))) == 1
+
+
+def test_more_torchrun_processes_than_gpus_is_one_line() -> None:
+    from clara_core.errors import InvalidInput
+    from clara_core.training.plan import check_gpus_for_processes
+
+    check_gpus_for_processes(2, {"LOCAL_WORLD_SIZE": "2"})
+    check_gpus_for_processes(1, {})  # a plain run
+    with pytest.raises(InvalidInput) as caught:
+        check_gpus_for_processes(1, {"LOCAL_WORLD_SIZE": "2"})
+    assert str(caught.value) == (
+        "torchrun started 2 processes on this machine, but it has 1 GPU (one process per GPU); use "
+        "--nproc_per_node 1, or CUDA_VISIBLE_DEVICES= to train on the CPU"
+    )

@@ -148,6 +148,7 @@ def prepare(
             max_queue=settings.max_queue,
             extra=extra,
             max_adapter_rank=max(ranks, default=None),
+            cache_dir=workspace.cache_dir,
         ),
     )
     lookup, list_all = _registry_lookup(workspace.registry_path)

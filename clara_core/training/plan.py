@@ -252,6 +252,8 @@ def plan_run(
     import torch
 
     on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        check_gpus_for_processes(torch.cuda.device_count())
     micro, accumulation = micro_batch_plan(config, world_size, on_gpu=on_gpu)
     precision = precision_for(config.dtype, on_gpu)
     dataset_sha = hashing.sha256_file(config.dataset)
@@ -307,6 +309,18 @@ def short_run_warning(config: TrainConfig, rows: int, rows_per_step: int) -> str
         f"rows, --batch-size {config.batch_size}, --epochs {config.epochs:g}), too few for an adapter to learn "
         f"much; --epochs {epochs} or --max-steps {USEFUL_MIN_STEPS} gives {USEFUL_MIN_STEPS} steps{batch_hint}"
     )
+
+
+def check_gpus_for_processes(gpus: int, environ: Any = os.environ) -> None:
+    """Refuse a ``torchrun`` that starts more processes on this machine than it has GPUs (each process trains
+    on the GPU of its ``LOCAL_RANK``): every process gets the same one line instead of a CUDA traceback."""
+    processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    if processes > gpus:
+        raise InvalidInput(
+            f"torchrun started {processes} processes on this machine, but it has {gpus} GPU"
+            f"{'s' if gpus != 1 else ''} (one process per GPU); use --nproc_per_node {gpus}, or "
+            "CUDA_VISIBLE_DEVICES= to train on the CPU"
+        )
 
 
 def local_rank_device_map(on_gpu: bool) -> dict[str, int] | None:
