@@ -55,20 +55,31 @@ def write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def gen_seconds(base: Path, prompts: list[str], tokens: int = 32) -> float:
+def side_by_side(base: Path, embed: Any, prompts: list[str], tokens: int = 32) -> dict[str, Any]:
+    """Per prompt, one after the other: embedding it at layer 0 (the embedding router's default), embedding it
+    at the last layer (the router as first built) and generating ``tokens`` tokens (greedy) from it. On a
+    shared machine a burst of other work then slows all three alike, and the per-prompt ratio holds."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base).eval()
-    times = []
+    rows = []
     with torch.no_grad():
         for prompt in prompts:
+            row = {}
+            for name, layer in (("layer 0", 0), ("last layer", -1)):
+                start = time.perf_counter()
+                embed([prompt], layer=layer)
+                row[name] = time.perf_counter() - start
             ids = tok(prompt, return_tensors="pt", truncation=True, max_length=128)
             start = time.perf_counter()
             model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            row["generate"] = time.perf_counter() - start
+            rows.append(row)
+    median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    ratio = {k: statistics.median(r[k] / r["generate"] for r in rows) for k in ("layer 0", "last layer")}
+    return {"prompts": len(rows), "median_seconds": median, "median_ratio_to_generate": ratio}
 
 
 def trained_adapter(base: Any, data: Path, domain: str, clara: Any, ws: Path, *, steps: int) -> Path | None:
@@ -200,9 +211,22 @@ def main() -> None:
                 f"  ({result['records']} prompts)",
                 flush=True,
             )
-    generate = gen_seconds(base, [r["text"] for r in dev["steuerrecht"][:5]])
-    print(f"generating 32 tokens: {generate * 1000:.1f} ms (median of 5)")
-    summary = {"base": size, "sample": sample, "generate_32_tokens_seconds": generate, "results": results}
+    prompts = [r["text"] for d in DOMAINS for r in dev[d][: 2 if args.quick else 7]]
+    latency = side_by_side(base, embed, prompts)
+    generate = latency["median_seconds"]["generate"]
+    for name, ratio in latency["median_ratio_to_generate"].items():
+        print(
+            f"embedding a prompt at the {name}: {latency['median_seconds'][name] * 1000:.1f} ms, "
+            f"{ratio:.1%} of generating 32 tokens (median of {latency['prompts']} prompts)"
+        )
+    print(f"generating 32 tokens: {generate * 1000:.1f} ms (median of {latency['prompts']})")
+    summary = {
+        "base": size,
+        "sample": sample,
+        "generate_32_tokens_seconds": generate,
+        "side_by_side": latency,
+        "results": results,
+    }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
