@@ -224,6 +224,7 @@ class Quickstart:
     composite: AdapterRecord | None = None
     composite_answers: dict[str, str] = attrs.field(factory=dict)  # domain -> the composite's answer
     kept: dict[str, float | None] = attrs.field(factory=dict)  # domain -> kept fraction of the ppl gain
+    export: dict[str, Any] | None = None  # the registered export entry ('clara export ollama')
     routed: dict[str, Any] = attrs.field(factory=dict)  # the "auto" answer: adapter_id, score, text
 
 
@@ -555,6 +556,49 @@ def step_composite(state: Quickstart, plugins: PluginManager, echo: Callable[[st
         )
 
 
+def step_export(state: Quickstart, plugins: PluginManager, echo: Callable[[str], None]) -> None:
+    """The first adapter exported for Ollama ('clara export ollama'): GGUF base, GGUF LoRA adapter, Modelfile,
+    verified against transformers; skipped with one line where clara-plugin-gguf or llama-cpp-python is missing."""
+    import importlib.util
+
+    from .exports import run_export
+    from .plugins import install_hint
+
+    if not state.adapters:
+        return
+    record = next(iter(state.adapters.values()))
+    echo("")
+    echo(f"9. Export for Ollama and llama.cpp (clara export ollama {record.id}):")
+    if "ollama" not in plugins.exporters():
+        echo(f"   skipped: the 'ollama' exporter is not installed; {install_hint('clara-plugin-gguf')}")
+        return
+    missing = [name for name in ("gguf", "llama_cpp") if importlib.util.find_spec(name) is None]
+    if missing:
+        echo(
+            f"   skipped: {' and '.join(missing)} not installed ({install_hint('clara-plugin-gguf')}; "
+            "llama-cpp-python compiles llama.cpp once, about 5 minutes)"
+        )
+        return
+    with Registry.open(state.workspace.registry_path) as registry:
+        done = registry.get_export(record.id)
+    if done is not None:
+        state.export = done
+        echo(f"   '{record.id}' was exported already: {done['path']}")
+        return
+    outcome = run_export(state.workspace, plugins, "ollama", record.id, echo=lambda _line: None)
+    state.export = outcome.entry
+    verification = outcome.entry["details"].get("verification") or {}
+    for item in outcome.entry["files"]:
+        echo(f"   {state.workspace.relative(outcome.path)}/{item['path']}  {human_size(item['size_bytes'])}")
+    if verification:
+        echo(
+            f"   verified with llama.cpp: max |logit difference| {verification.get('max_abs_diff', float('nan')):.2e}"
+            f", top-1 agrees at {100 * verification.get('top1_agreement', 0):.0f}% of the positions"
+        )
+    if outcome.result.message:
+        echo(f"   {outcome.result.message}")
+
+
 #: The router the quickstart fits: on the demo base (random weights) the embedding router's whitened token
 #: embeddings route 25 of the 28 demo questions (training and dev) to their domain; the keyword router, with
 #: words learned from 14 questions per domain, routes 9.
@@ -580,7 +624,7 @@ def step_route(
     fit_router(state.workspace, plugins, DEMO_ROUTER, adapter_ids=ids)
     echo("")
     echo(
-        f"9. Routing: router '{DEMO_ROUTER}' fitted on {' and '.join(ids)} (their training data); "
+        f"10. Routing: router '{DEMO_ROUTER}' fitted on {' and '.join(ids)} (their training data); "
         f'"{question}" ({domain}):'
     )
     if not serve:
@@ -627,6 +671,8 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
         f"  {clara} -w {shown} train --base {DEMO_BASE_NAME} --domain verfahren --method lora --rank 8 "
         "--dataset YOUR.jsonl   # your own data"
     )
+    echo(f"  {clara} -w {shown} export ollama {first} --merged --outtype q8_0  # one GGUF for Ollama")
+    echo(f"  {clara} -w {shown} --engine llamacpp serve --port 8000  # llama.cpp, adapters hot-swapped")
     echo(f"  {clara} -w {shown} serve --port 8000                   # the HTTP API with hot-swap; then:")
     echo(
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
@@ -660,6 +706,7 @@ def run_quickstart(
         step_serve(state, echo, engine=engine)
     step_eval(state, echo)
     step_composite(state, plugins, echo)
+    step_export(state, plugins, echo)
     step_route(state, plugins, echo, serve=serve, engine=engine)
     step_next(state, echo)
     return state

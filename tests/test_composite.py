@@ -540,3 +540,15 @@ def test_dare_seed_makes_the_drop_reproducible(ws):
     assert "exists already" in again.stdout
     two = build(ws, *args, "--seed", "2", plugins=with_ties())
     assert one["adapter_checksum"] != two["adapter_checksum"]
+
+
+def test_module_scaling_follows_peft_for_patterns_rslora_and_an_explicit_zero_alpha() -> None:
+    from clara_core.composites.tensors import module_scaling
+
+    assert module_scaling({"lora_alpha": 16}, "model.layers.0.self_attn.q_proj", 8) == 2.0
+    assert module_scaling({}, "model.layers.0.self_attn.q_proj", 8) == 1.0  # PEFT's default alpha is 8
+    assert module_scaling({"lora_alpha": 0}, "model.layers.0.self_attn.q_proj", 8) == 0.0
+    assert module_scaling({"lora_alpha": 8, "use_rslora": True}, "x.v_proj", 16) == 2.0
+    config = {"lora_alpha": 8, "alpha_pattern": {"v_proj": 32}}
+    assert module_scaling(config, "model.layers.3.self_attn.v_proj", 8) == 4.0
+    assert module_scaling(config, "model.layers.3.self_attn.q_proj", 8) == 1.0

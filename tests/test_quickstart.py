@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +110,24 @@ def test_quickstart_trains_two_adapters_and_shows_their_effect(tmp_path: Path) -
     assert {k["domain"] for k in checked} == {"steuerrecht", "sozialrecht"}
     assert all(k["kept"] >= 0.8 for k in checked)
     assert f"composite show {composite}" in out
+
+    # It ends with the first adapter exported for Ollama and verified against transformers (or one line saying
+    # why not, where llama-cpp-python is not installed).
+    exported = out.split("Export for Ollama and llama.cpp", 1)[1].split("What to run next", 1)[0]
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert "skipped: " in exported and "pip install" in exported
+    else:
+        [entry] = json.loads(CliRunner().invoke(cli, ["-w", str(root), "export", "list", "--json"]).stdout)
+        assert entry["adapter_id"] == "steuerrecht-lora-r16-v1" and entry["present"]
+        assert sorted(f["path"] for f in entry["files"]) == [
+            "Modelfile",
+            "demo-llama.f16.gguf",
+            "steuerrecht-lora-r16-v1.lora.gguf",
+        ]
+        assert entry["details"]["verification"]["passed"] is True
+        assert "verified with llama.cpp" in exported
+        assert "ollama create steuerrecht-lora-r16-v1 -f Modelfile" in exported
+    assert "export ollama" in out.split("What to run next", 1)[1]
 
     # Running it again reuses the base and adds new versions, never overwriting.
     again = CliRunner().invoke(
@@ -254,7 +273,7 @@ def test_quickstart_answers_one_question_through_auto(tmp_path: Path) -> None:
     demo.step_route(state, PluginManager(), lines.append)
     out = "\n".join(lines)
     steuer = state.adapters["steuerrecht"].id
-    assert "9. Routing: router 'embedding' fitted on" in out
+    assert "10. Routing: router 'embedding' fitted on" in out
     assert state.routed["adapter_id"] == steuer, out
     assert 0 < state.routed["score"] <= 1
     assert f'"auto" chose {steuer} (score {state.routed["score"]:.2f}) and answered: ' in out

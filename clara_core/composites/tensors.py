@@ -69,7 +69,9 @@ def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any)
 
 def module_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:
     """The LoRA scaling of ``module``: alpha/r, or alpha/sqrt(r) for rsLoRA, with the patterns honoured."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha") or 8))
+    default_alpha = config.get("lora_alpha")
+    default_alpha = 8 if default_alpha is None else default_alpha  # PEFT's default; an explicit 0 stays 0
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -120,7 +121,7 @@ def read_adapter_tensors(adapter: AdapterRecord) -> AdapterTensors:
     if getattr(adapter, "kind", "adapter") == "merged":
         raise InvalidInput(
             f"'{adapter.id}' is a full model with the adapters merged in (composite build --merge-into-base), "
-            "not an adapter; build the composite without --merge-into-base and export that with --merged"
+            f"not an adapter with LoRA factors; 'clara export ollama {adapter.id}' exports it as one GGUF"
         )
     files = read_verified_adapter(adapter)
     config = dict(files.config)
@@ -270,6 +271,8 @@ def convert_adapter(
     factors = export_factors(tensors, base, echo)
     configured = float(tensors.config.get("lora_alpha") or 0.0)
     alpha = configured if configured > 0 and math.isfinite(configured) else 0.0
+    # the file stores alpha as float32 and llama.cpp computes with that value: fold against the same number
+    alpha = float(struct.unpack("f", struct.pack("f", alpha))[0])
     named: list[tuple[str, Any, Any]] = []
     for module, f in factors.items():
         hf_name = gguf_base.tensor_name(base.config, module)

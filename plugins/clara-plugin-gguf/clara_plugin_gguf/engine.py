@@ -43,6 +43,9 @@ from clara_core.plugin_api import (
     first_line,
 )
 
+# the output types of the GGUF base (``-o outtype=``), and its default, are ``clara export ollama``'s
+from .exporter import DEFAULT_OUTTYPE, OUTTYPES
+
 #: What a user reads when the ``llamacpp`` engine is asked for where llama-cpp-python is missing.
 NOT_INSTALLED = (
     "llama-cpp-python is not installed, so the 'llamacpp' engine cannot start: pip install clara-plugin-gguf "
@@ -56,9 +59,6 @@ NOTES = (
     "the KV cache is cleared before every request"
 )
 
-#: The output types of the GGUF base (``-o outtype=``); the default matches ``clara export ollama``'s.
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-DEFAULT_OUTTYPE = "f16"
 DEFAULT_N_CTX = 4096
 
 
@@ -210,6 +210,8 @@ class LlamaCppEngine(EngineImpl):
         #: adapter id -> (llama_adapter_lora pointer, its GGUF file)
         self._adapters: dict[str, tuple[Any, Path]] = {}
         self._active: str | None = None  # the adapter set on the context (None: the base alone)
+        #: what the converter said about adapters it converted in this process (an SVD error, ...)
+        self._conversion_notes: dict[str, list[str]] = {}
         self._chat_template: str | None = None
         self._special_tokens: dict[str, str] = {}
         self.base_loads = 0
@@ -351,8 +353,17 @@ class LlamaCppEngine(EngineImpl):
     def _convert(self, adapter: Any) -> Path:
         from .adapter import cached_adapter_gguf
 
+        said: list[str] = []
+
+        def echo(line: str) -> None:
+            _echo(line)
+            said.append(line)
+
         try:
-            return Path(cached_adapter_gguf(adapter, self.base, self._cache(), echo=_echo))
+            path = Path(cached_adapter_gguf(adapter, self.base, self._cache(), echo=echo))
+            if said:  # converted now: what the converter said (a DoRA adapter's SVD error) stays in /health
+                self._conversion_notes[adapter.id] = said
+            return path
         except ClaraError as exc:  # the converter's reason, and where the adapter can be served instead
             raise AdapterNotServable(
                 f"the llamacpp engine cannot serve adapter '{adapter.id}': {exc} (the transformers engine "
@@ -501,6 +512,7 @@ class LlamaCppEngine(EngineImpl):
             "base_load_seconds": round(self.load_seconds, 3),
             "adapter_loads": self.adapter_loads,
             "adapter_files": {k: str(v[1]) for k, v in self._adapters.items()},
+            "adapter_conversions": dict(self._conversion_notes),
             "active_adapter": self._active,
             "adapter_switches": self.adapter_switches,
             "kv_cache_clears": self.kv_clears,

@@ -477,6 +477,7 @@ def read_vocabulary(base: BaseRecord, *, cache_dir: Path | None = None, echo: Ec
             return vocabulary.with_variant(saved.get("pre"), saved.get("add_space_prefix"))
     chosen = choose_variant(base, vocabulary, echo=echo)
     if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             cache,
             {

@@ -39,7 +39,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[BaseRecord,
     def get(base: BaseRecord, outtype: str) -> Path:
         key = (base.base_model_hash, outtype)
         if key not in done:
-            done[key] = convert_base(base, outtype, folder / f"{base.name}-{outtype}.gguf", echo=_quiet)
+            dest = folder / f"{base.name}-{outtype}.gguf"
+            done[key] = convert_base(base, outtype, dest, echo=_quiet, cache_dir=folder / "cache")
         return done[key]
 
     return get

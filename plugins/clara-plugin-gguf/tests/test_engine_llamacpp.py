@@ -42,6 +42,7 @@ NEEDS_CONVERSION = (
 )
 STEUER, SOZIAL = "steuer-lora-r4-v1", "sozial-lora-r4-v1"
 ADAPTERS = [STEUER, SOZIAL]
+DORA = "umwelt-dora-r4-v1"  # served as the SVD of its exact delta (the converter's choice), error reported
 WITH_HEAD = "kopf-lora-r4-v1"  # trains a full copy of lm_head: no LoRA form llama.cpp can load
 OTHER_BASE_ADAPTER = "fremd-lora-r4-v1"
 PROMPTS = ["Das Finanzamt setzt", "Der Bescheid ist", "Die Verwaltung entscheidet", "Leistungen nach diesem"]
@@ -91,6 +92,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         path = random_lora_adapter(tiny, made / adapter_id, seed=11 + i)
         _register(ws, path, adapter_id.split("-")[0], "tiny")
     _register(ws, adapter_with_lm_head(tiny, made / WITH_HEAD), "kopf", "tiny")
+    _register(ws, random_lora_adapter(tiny, made / DORA, seed=21, use_dora=True), "umwelt", "tiny")
     _register(ws, random_lora_adapter(other, made / "fremd", seed=8), "fremd", "other")
     return ws
 
@@ -397,6 +399,65 @@ def test_an_adapter_the_converter_refuses_is_a_409_naming_it_and_the_server_serv
     assert f"cannot serve adapter '{WITH_HEAD}'" in error["message"] and "\n" not in error["message"]
     assert WITH_HEAD not in client.get("/health").json()["loaded_adapters"]
     assert generate(client, PROMPTS[0], STEUER, max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_a_dora_adapter_is_served_with_the_converters_svd_error_in_health(client: httpx.Client) -> None:
+    dora = generate(client, PROMPTS[0], DORA)
+    assert dora["adapter_id"] == DORA and dora["text"] != generate(client, PROMPTS[0], None)["text"]
+    notes = details(client)["adapter_conversions"][DORA]
+    assert any("DoRA" in line and "error" in line for line in notes), notes
+
+
+def test_requests_take_turns_in_the_order_they_arrive(workspace: Workspace) -> None:
+    """The worker is held while four requests on alternating adapters arrive; released, it serves them one at a
+    time in arrival order, switching the adapter set before each, and every answer is its adapter's."""
+    import threading
+
+    from clara_core.types import EngineOptions, GenerationRequest
+
+    found = records(workspace)
+    jobs = [(STEUER, PROMPTS[0]), (SOZIAL, PROMPTS[0]), (STEUER, PROMPTS[1]), (None, PROMPTS[1])]
+
+    async def main() -> None:
+        options = EngineOptions(extra={"outtype": "f32"}, cache_dir=workspace.cache_dir)
+        engine = PluginManager().engine("llamacpp").create(found["base"], options)
+        await engine.start()
+        try:
+            for adapter_id in ADAPTERS:
+                await engine.load_adapter(found[adapter_id])
+
+            async def answer(adapter: str | None, prompt: str) -> str:
+                request = GenerationRequest(prompt=prompt, adapter_id=adapter, max_tokens=MAX_TOKENS)
+                return "".join([chunk.text async for chunk in engine.generate(request)])
+
+            alone = [await answer(a, p) for a, p in jobs]
+            entered, gate = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                entered.set()
+                gate.wait()
+
+            held = asyncio.ensure_future(engine._call(hold))
+            await asyncio.to_thread(entered.wait, 60)
+            done: list[int] = []
+            tasks = []
+            for i, (adapter, prompt) in enumerate(jobs):
+                task = asyncio.ensure_future(answer(adapter, prompt))
+                task.add_done_callback(lambda _t, i=i: done.append(i))
+                tasks.append(task)
+                while engine.health()["waiting"] < i + 1:  # queued in this order
+                    await asyncio.sleep(0)
+            switches = engine.health()["adapter_switches"]
+            gate.set()
+            await held
+            assert await asyncio.gather(*tasks) == alone
+            assert done == [0, 1, 2, 3]
+            assert engine.health()["adapter_switches"] - switches == 4  # steuer, sozial, steuer, none
+            assert engine.health()["base_loads"] == 1
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
 
 
 # -- the real command --------------------------------------------------------------------------------------------
