@@ -194,7 +194,7 @@ class TransformersEngine(EngineImpl):
         :meth:`clara_core.types.EngineImpl.embed`), computed on the worker thread between decoding steps:
         routers use the served model, never a second copy. Before the last layer the pass stops at ``layer``
         (``clara_core.routing.embed.hidden_at``, as the CLI embeds)."""
-        from clara_core.routing.embed import layer_count, resolve_layer
+        from clara_core.plugin_api import layer_count, resolve_layer
 
         if self.model is None:
             raise ClaraError("the engine is not started")
@@ -208,7 +208,7 @@ class TransformersEngine(EngineImpl):
     def _embed(self, ids: list[list[int]], layer: int | None, batch_size: int = 16) -> list[list[float]]:
         import torch
 
-        from clara_core.routing.embed import hidden_at
+        from clara_core.plugin_api import hidden_at
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list[list[float]] = []
