@@ -364,6 +364,7 @@ class Quickstart:
     composite_answers: dict[str, str] = attrs.field(factory=dict)  # domain -> the composite's answer
     kept: dict[str, float | None] = attrs.field(factory=dict)  # domain -> kept fraction of the ppl gain
     export: dict[str, Any] | None = None  # the registered export entry ('clara export ollama')
+    routed: dict[str, Any] = attrs.field(factory=dict)  # the "auto" answer: adapter_id, score, text
 
 
 def step_workspace(root: Path, echo: Callable[[str], None]) -> Quickstart:
@@ -746,6 +747,61 @@ def step_export(state: Quickstart, plugins: PluginManager, echo: Callable[[str],
         echo(f"   {outcome.result.message}")
 
 
+#: The router the quickstart fits: on the demo base (random weights) the embedding router's whitened token
+#: embeddings route 25 of the 28 demo questions (training and dev) to their domain; the keyword router, with
+#: words learned from 14 questions per domain, routes 9.
+DEMO_ROUTER = "embedding"
+
+
+def step_route(
+    state: Quickstart,
+    plugins: PluginManager,
+    echo: Callable[[str], None],
+    *,
+    serve: bool = True,
+    engine: str | None = None,
+) -> None:
+    """Fit a router on the domain adapters' training data (their ``dataset_ref``), then answer one demo
+    question through ``"auto"``: the server picks the adapter (with ``serve=False``: only the decision)."""
+    from .routing import fit_router, load_router, local_embedder, route_prompt
+
+    if len(state.adapters) < 2:
+        return
+    ids = [record.id for record in state.adapters.values()]
+    domain, question = next(iter(demo_questions().items()))
+    fit_router(state.workspace, plugins, DEMO_ROUTER, adapter_ids=ids)
+    echo("")
+    echo(
+        f"10. Routing: router '{DEMO_ROUTER}' fitted on {' and '.join(ids)} (their training data); "
+        f'"{question}" ({domain}):'
+    )
+    if not serve:
+        loaded = load_router(state.workspace, plugins, DEMO_ROUTER)
+        decision, _ = route_prompt(loaded, question, local_embedder(loaded.base))
+        state.routed = {"adapter_id": decision.adapter_id, "score": decision.score, "text": None}
+        echo(f"   routed to {decision.adapter_id or 'the base'} (score {decision.score:.2f})")
+        return
+    from .serving.demo import serve_and_query
+
+    answer = serve_and_query(
+        state.workspace.root,
+        [(question, "auto")],
+        engine=engine,
+        max_tokens=40,
+        chat=True,
+        router=DEMO_ROUTER,
+        echo=lambda line: echo("   " + line),
+    )[0]
+    route = answer.get("route") or {}
+    text = " ".join(str(answer["text"]).split())
+    state.routed = {"adapter_id": answer["adapter_id"], "score": route.get("score"), "text": text}
+    score = route.get("score")
+    echo(
+        f'   "auto" chose {answer["adapter_id"] or "the base"}'
+        f"{f' (score {score:.2f})' if isinstance(score, float) else ''} and answered: {text or '(nothing)'}"
+    )
+
+
 def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     root = state.workspace.root
     shown = shlex.quote(_shown(root))
@@ -769,6 +825,10 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
         f"""-d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Wer setzt die Einkommensteuer fest?"}}], "temperature": 0, "max_tokens": 40}}'"""
+    )
+    echo(
+        f'  {clara} -w {shown} route "Wer bekommt Bürgergeld?"  # which adapter the router picks; '
+        f'then serve --router {DEMO_ROUTER} and "model": "auto"'
     )
 
 
@@ -795,5 +855,6 @@ def run_quickstart(
     step_eval(state, echo)
     step_composite(state, plugins, echo)
     step_export(state, plugins, echo)
+    step_route(state, plugins, echo, serve=serve, engine=engine)
     step_next(state, echo)
     return state
