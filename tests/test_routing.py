@@ -337,6 +337,23 @@ def test_stale_router_and_bad_input_are_one_line(
         expect="the keywords changed since the fit; run 'clara router fit --router keyword'",
     )
     assert _run(ws, *args).exit_code == 0
+    # a composite built after the fit is not routed to unless named: the router stays fresh, and a refit does
+    # not ask for the composite's training data (it has none of its own)
+    built = _run(
+        ws,
+        "composite",
+        "build",
+        "--adapters",
+        "steuer-lora-r4-v1",
+        "sozial-lora-r4-v1",
+        "--strategy",
+        "additive",
+    )
+    assert built.exit_code == 0, built.output
+    assert _run(ws, "route", "Was gilt nach § 7 EStG?", "--router", "keyword").exit_code == 0
+    assert _run(ws, *args).exit_code == 0
+    composite_id = json.loads(_run(ws, "composite", "list", "--json").stdout)[0]["id"]
+    assert _run(ws, "adapters", "rm", composite_id, "--yes").exit_code == 0
     # an adapter registered after the fit: stale, with the command to refit
     assert (
         _run(

@@ -40,7 +40,8 @@ def router() -> None:
     "adapter_ids",
     multiple=True,
     metavar="ID",
-    help="Adapters to choose among (repeat; default: every adapter of the base).",
+    help="Adapters to choose among (repeat; default: every trained adapter of the base; composites and merged "
+    "models only when named here).",
 )
 @click.option(
     "--data",

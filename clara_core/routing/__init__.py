@@ -142,6 +142,11 @@ def _dataset_path(workspace: Workspace, adapter: AdapterRecord) -> Path | None:
 # -- fitting ------------------------------------------------------------------------------------------------------
 
 
+#: What a router chooses among when no ``--adapters`` are named: the trained domain adapters. Composites and
+#: merged models have no training data of their own; a router routes to them only when they are named.
+DEFAULT_KINDS = frozenset({"adapter"})
+
+
 def choose_adapters(
     workspace: Workspace, base_name: str | None, adapter_ids: Sequence[str]
 ) -> tuple[BaseRecord, list[AdapterRecord]]:
@@ -155,7 +160,11 @@ def choose_adapters(
                 if adapter.base_model_hash != base.base_model_hash:
                     raise Conflict(f"adapter '{adapter.id}' belongs to another base than '{base.name}'")
         else:
-            adapters = [a for a in registry.list_adapters() if a.base_model_hash == base.base_model_hash]
+            adapters = [
+                a
+                for a in registry.list_adapters()
+                if a.base_model_hash == base.base_model_hash and a.kind in DEFAULT_KINDS
+            ]
     if not adapters:
         raise NotFound(f"no adapters of base '{base.name}' to route to; register or train some first")
     return base, adapters
@@ -303,7 +312,13 @@ def check_fresh(workspace: Workspace, name: str, manifest: Mapping[str, Any], ba
             f"router '{name}' is stale: adapter '{changed[0]}' changed since the fit; run '{refit}'"
         )
     if manifest.get("selection") == "all":
-        new = sorted(set(now) - set(fitted))
+        with Registry.open(workspace.registry_path) as registry:
+            eligible = {
+                a.id
+                for a in registry.list_adapters()
+                if a.base_model_hash == base.base_model_hash and a.kind in DEFAULT_KINDS
+            }
+        new = sorted(eligible - set(fitted))
         if new:
             raise Conflict(
                 f"router '{name}' is stale: adapter '{new[0]}' was registered after the fit; run '{refit}'"
