@@ -2,11 +2,15 @@
 
 A fresh machine has no base model and no network. ``clara base create-demo DIR`` (and ``clara quickstart``)
 build a small Llama-architecture model whose byte-level BPE tokenizer is trained here, with the ``tokenizers``
-library, on the German texts below. The model's weights are random: it knows no German. Each domain adapter
-then learns its domain's answers, which makes the effect of an adapter plain to see.
+library, on the German texts below. Its random weights are then warmed up briefly (a full, seeded fine-tune) on
+background text in the chat format: general administrative questions and answers, and each domain's records
+except the ones the quickstart and the dev sets ask about. So the base already writes German in the chat
+format, but does not know the quickstart's answers; each domain adapter learns its domain's answers on top, a
+small change of its own, which makes the effect of an adapter plain to see and lets a composite of two domain
+adapters answer the questions of both.
 
 The question/answer texts were written for this project (short paraphrases of well-known rules of German tax
-and social law, simplified; not legal advice).
+and social law and of general administrative practice, simplified; not legal advice).
 """
 
 from __future__ import annotations
@@ -129,6 +133,89 @@ DEMO_DEV: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
+#: General administrative (question, answer) pairs, no domain's: part of the demo base's warm-up text.
+DEMO_GENERAL: list[tuple[str, str]] = [
+    (
+        "Wo beantrage ich einen Personalausweis?",
+        "Den Personalausweis beantragen Sie persönlich bei der Personalausweisbehörde Ihres Wohnorts.",
+    ),
+    (
+        "Wie lange ist ein Personalausweis gültig?",
+        "Ein Personalausweis ist für Personen ab 24 Jahren zehn Jahre gültig.",
+    ),
+    ("Wo wird ein Reisepass beantragt?", "Der Reisepass wird bei der Passbehörde des Wohnorts beantragt."),
+    (
+        "Bis wann muss ich mich nach einem Umzug ummelden?",
+        "Nach einem Umzug melden Sie sich innerhalb von zwei Wochen bei der Meldebehörde an.",
+    ),
+    (
+        "Was ist ein Verwaltungsakt?",
+        "Ein Verwaltungsakt ist eine Entscheidung einer Behörde in einem Einzelfall mit Wirkung nach außen.",
+    ),
+    (
+        "Wann wird ein Verwaltungsakt wirksam?",
+        "Ein Verwaltungsakt wird mit seiner Bekanntgabe an den Betroffenen wirksam.",
+    ),
+    (
+        "Muss die Behörde mich vor einer Entscheidung anhören?",
+        "Vor einem belastenden Verwaltungsakt ist der Betroffene in der Regel anzuhören.",
+    ),
+    (
+        "Darf ich meine Akte bei der Behörde einsehen?",
+        "Beteiligte dürfen die Akten einsehen, soweit sie ihre rechtlichen Interessen betreffen.",
+    ),
+    ("Muss ein Bescheid begründet werden?", "Ein schriftlicher Bescheid ist schriftlich zu begründen."),
+    ("Wo melde ich ein Gewerbe an?", "Ein Gewerbe wird beim Gewerbeamt der Gemeinde angemeldet."),
+    (
+        "Wo wird ein Auto zugelassen?",
+        "Ein Kraftfahrzeug wird bei der Zulassungsstelle des Wohnorts zugelassen.",
+    ),
+    ("Wo beantrage ich einen Führerschein?", "Den Führerschein beantragen Sie bei der Fahrerlaubnisbehörde."),
+    ("Wo wird eine Geburt angezeigt?", "Eine Geburt ist innerhalb einer Woche beim Standesamt anzuzeigen."),
+    ("Wo wird die Ehe geschlossen?", "Die Ehe wird vor dem Standesamt geschlossen."),
+    ("Wer erteilt eine Baugenehmigung?", "Die Baugenehmigung erteilt die untere Bauaufsichtsbehörde."),
+    (
+        "Kann ich mich bei einem Antrag vertreten lassen?",
+        "Sie können sich durch einen Bevollmächtigten mit schriftlicher Vollmacht vertreten lassen.",
+    ),
+    (
+        "Was kann ich gegen einen Bußgeldbescheid tun?",
+        "Gegen einen Bußgeldbescheid ist innerhalb von zwei Wochen Einspruch möglich.",
+    ),
+    (
+        "Wie berechnet sich eine Frist nach Monaten?",
+        "Eine Monatsfrist endet mit dem Tag des nächsten Monats, der dem Tag der Bekanntgabe entspricht.",
+    ),
+    (
+        "Was gilt, wenn eine Frist am Samstag endet?",
+        "Endet eine Frist an einem Samstag, Sonntag oder Feiertag, endet sie am nächsten Werktag.",
+    ),
+    (
+        "Kostet eine Amtshandlung Gebühren?",
+        "Für Amtshandlungen erheben Behörden Gebühren nach der Gebührenordnung.",
+    ),
+    (
+        "Welche Auskunft gibt mir eine Behörde über meine Daten?",
+        "Die Behörde muss Ihnen Auskunft über die zu Ihrer Person gespeicherten Daten geben.",
+    ),
+    ("Wie beantrage ich die Briefwahl?", "Die Briefwahl beantragen Sie beim Wahlamt Ihrer Gemeinde."),
+    (
+        "Wer ist für den Rundfunkbeitrag zuständig?",
+        "Den Rundfunkbeitrag zieht der Beitragsservice von ARD, ZDF und Deutschlandradio ein.",
+    ),
+    (
+        "Was ist eine Behörde?",
+        "Eine Behörde ist jede Stelle, die Aufgaben der öffentlichen Verwaltung wahrnimmt.",
+    ),
+]
+
+#: Each domain's records that stay out of the base's warm-up (indices into DEMO_QA): the quickstart's question and
+#: the records the dev set asks about. Only the adapter learns them.
+DEMO_ADAPTER_ONLY: dict[str, tuple[int, ...]] = {"steuerrecht": (0, 3, 4), "sozialrecht": (0, 1, 4)}
+
+#: The warm-up of the demo base: full fine-tuning steps (4 packed rows each), learning rate, seed.
+DEMO_WARMUP: dict[str, float] = {"steps": 200, "lr": 1e-3, "seed": 0}
+
 #: Sizes of the demo model: small enough to train two adapters in about a minute on 2 CPU cores.
 DEMO_MODEL: dict[str, int] = {
     "vocab_size": 1024,
@@ -152,8 +239,17 @@ def demo_texts() -> list[str]:
     return texts
 
 
+def warmup_pairs() -> list[tuple[str, str]]:
+    """The demo base's warm-up text: the general pairs, and each domain's pairs but those its adapter alone learns."""
+    pairs = list(DEMO_GENERAL)
+    for domain, records in DEMO_QA.items():
+        pairs.extend(pair for index, pair in enumerate(records) if index not in DEMO_ADAPTER_ONLY[domain])
+    return pairs
+
+
 def build_demo_base(out_dir: Path) -> Path:
-    """Write the demo base (config, safetensors weights, tokenizer with chat template) to ``out_dir``."""
+    """Write the demo base (config, safetensors weights, tokenizer with chat template) to ``out_dir``: a random
+    Llama, then warmed up on :func:`warmup_pairs` (seeded, so the same on every run of one machine)."""
     import logging
 
     from transformers.utils import logging as hf_logging
@@ -163,7 +259,50 @@ def build_demo_base(out_dir: Path) -> Path:
     hf_logging.disable_progress_bar()  # one tiny shard: a progress bar is noise here
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel; changes no result
 
-    return build_llama(out_dir, texts=demo_texts(), **DEMO_MODEL)
+    build_llama(out_dir, texts=demo_texts(), **DEMO_MODEL)
+    _warm_up(out_dir, warmup_pairs(), **DEMO_WARMUP)
+    return out_dir
+
+
+def _warm_up(model_dir: Path, pairs: list[tuple[str, str]], *, steps: float, lr: float, seed: float) -> None:
+    """Full fine-tuning of the model in ``model_dir`` on chat records of ``pairs`` (loss on the answers, packed
+    rows as clara's training packs them), saved in place. Plain AdamW with a linear decay and clipped gradients;
+    every random draw comes from ``seed``, and the global random state is left as it was."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .training.data import PackedCollator, PackedDataset, Tokenize, TokenizedExample, pack, parse_record
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenize = Tokenize(tokenizer)
+    examples = []
+    for line, (question, answer) in enumerate(pairs, start=1):
+        ids, labels = tokenize(parse_record(_chat_record(question, answer), "warm-up", line), "warm-up")
+        examples.append(TokenizedExample(line=line, input_ids=ids, labels=labels, truncated=False))
+    rows = PackedDataset(pack(examples, 128))
+    collate = PackedCollator(tokenizer.pad_token_id)
+    total = int(steps)
+    saved = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(seed))
+        order = torch.Generator().manual_seed(int(seed))
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        params = list(model.parameters())
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
+        model.train()
+        for _step in range(total):
+            picked = torch.randperm(len(rows), generator=order).tolist()[:4]
+            loss = model(**collate([rows[i] for i in picked]), use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    finally:
+        torch.random.set_rng_state(saved)
+    model.eval()
+    model.save_pretrained(str(model_dir), safe_serialization=True)
 
 
 def _chat_record(question: str, answer: str) -> dict:
@@ -225,6 +364,7 @@ class Quickstart:
     composite_answers: dict[str, str] = attrs.field(factory=dict)  # domain -> the composite's answer
     kept: dict[str, float | None] = attrs.field(factory=dict)  # domain -> kept fraction of the ppl gain
     export: dict[str, Any] | None = None  # the registered export entry ('clara export ollama')
+    routed: dict[str, Any] = attrs.field(factory=dict)  # the "auto" answer: adapter_id, score, text
 
 
 def step_workspace(root: Path, echo: Callable[[str], None]) -> Quickstart:
@@ -247,7 +387,8 @@ def step_base(state: Quickstart, echo: Callable[[str], None]) -> None:
             record = registry.add_base(folder, name=DEMO_BASE_NAME, workspace=workspace)
             echo(
                 f"2. Built the demo base '{record.name}' offline in {workspace.relative(folder)} "
-                f"(Llama architecture, random weights, tokenizer trained here; {human_size(record.size_bytes)})"
+                f"(Llama architecture, tokenizer trained here, random weights warmed up on general and background "
+                f"demo text; {human_size(record.size_bytes)})"
             )
         else:
             echo(f"2. Demo base '{record.name}' is already registered")
@@ -490,12 +631,16 @@ def step_eval(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(f"   (* best per column; recorded in the registry and {state.workspace.relative(report)})")
 
 
-COMPOSITE_WEIGHT = 0.5
+#: How the quickstart combines its adapters: each delta weighted 0.7. Measured on demo bases of four seeds (this
+#: one is seed 0), both word-for-word answers stayed in the composite for 3 of 4 at 0.7, for 2 at 1.0 (both
+#: added) and for 1 at 0.5 (each halved): the deltas still overlap a little.
+COMPOSITE_WEIGHT = 0.7
 
 
 def step_composite(state: Quickstart, plugins: PluginManager, echo: Callable[[str], None]) -> None:
-    """Both adapters combined 50/50 into one composite ('clara composite build --check'), asked both domains'
-    questions, next to each domain's own adapter; and what it keeps of each adapter's perplexity gain."""
+    """Both adapters combined into one composite, each delta weighted 0.7 ('clara composite build --strategy
+    weighted --check'), asked both domains' questions, next to each domain's own adapter; and what it keeps of
+    each adapter's perplexity gain."""
     from .composites import CompositeRequest, build_composite
     from .composites import check as composite_check
     from .evaluation.runner import Options
@@ -508,7 +653,11 @@ def step_composite(state: Quickstart, plugins: PluginManager, echo: Callable[[st
     echo("")
     echo(
         f"8. Composite: the adapters combined into one, weights {' '.join(f'{w:g}' for w in weights)} "
-        "(clara composite build --strategy weighted --check):"
+        "(clara composite build --strategy weighted --check);"
+    )
+    echo(
+        "   why 0.7: on this demo, halving each delta (0.5) or adding both (1.0) loses one domain's answer more "
+        "often; 0.7 keeps both:"
     )
     request = CompositeRequest(adapter_ids=[r.id for r in records], strategy="weighted", weights=weights)
     result = build_composite(request, state.workspace, plugins)
@@ -598,6 +747,61 @@ def step_export(state: Quickstart, plugins: PluginManager, echo: Callable[[str],
         echo(f"   {outcome.result.message}")
 
 
+#: The router the quickstart fits: on the demo base (random weights) the embedding router's whitened token
+#: embeddings route 25 of the 28 demo questions (training and dev) to their domain; the keyword router, with
+#: words learned from 14 questions per domain, routes 9.
+DEMO_ROUTER = "embedding"
+
+
+def step_route(
+    state: Quickstart,
+    plugins: PluginManager,
+    echo: Callable[[str], None],
+    *,
+    serve: bool = True,
+    engine: str | None = None,
+) -> None:
+    """Fit a router on the domain adapters' training data (their ``dataset_ref``), then answer one demo
+    question through ``"auto"``: the server picks the adapter (with ``serve=False``: only the decision)."""
+    from .routing import fit_router, load_router, local_embedder, route_prompt
+
+    if len(state.adapters) < 2:
+        return
+    ids = [record.id for record in state.adapters.values()]
+    domain, question = next(iter(demo_questions().items()))
+    fit_router(state.workspace, plugins, DEMO_ROUTER, adapter_ids=ids)
+    echo("")
+    echo(
+        f"10. Routing: router '{DEMO_ROUTER}' fitted on {' and '.join(ids)} (their training data); "
+        f'"{question}" ({domain}):'
+    )
+    if not serve:
+        loaded = load_router(state.workspace, plugins, DEMO_ROUTER)
+        decision, _ = route_prompt(loaded, question, local_embedder(loaded.base))
+        state.routed = {"adapter_id": decision.adapter_id, "score": decision.score, "text": None}
+        echo(f"   routed to {decision.adapter_id or 'the base'} (score {decision.score:.2f})")
+        return
+    from .serving.demo import serve_and_query
+
+    answer = serve_and_query(
+        state.workspace.root,
+        [(question, "auto")],
+        engine=engine,
+        max_tokens=40,
+        chat=True,
+        router=DEMO_ROUTER,
+        echo=lambda line: echo("   " + line),
+    )[0]
+    route = answer.get("route") or {}
+    text = " ".join(str(answer["text"]).split())
+    state.routed = {"adapter_id": answer["adapter_id"], "score": route.get("score"), "text": text}
+    score = route.get("score")
+    echo(
+        f'   "auto" chose {answer["adapter_id"] or "the base"}'
+        f"{f' (score {score:.2f})' if isinstance(score, float) else ''} and answered: {text or '(nothing)'}"
+    )
+
+
 def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     root = state.workspace.root
     shown = shlex.quote(_shown(root))
@@ -621,6 +825,10 @@ def step_next(state: Quickstart, echo: Callable[[str], None]) -> None:
     echo(
         "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
         f"""-d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Wer setzt die Einkommensteuer fest?"}}], "temperature": 0, "max_tokens": 40}}'"""
+    )
+    echo(
+        f'  {clara} -w {shown} route "Wer bekommt Bürgergeld?"  # which adapter the router picks; '
+        f'then serve --router {DEMO_ROUTER} and "model": "auto"'
     )
 
 
@@ -647,5 +855,6 @@ def run_quickstart(
     step_eval(state, echo)
     step_composite(state, plugins, echo)
     step_export(state, plugins, echo)
+    step_route(state, plugins, echo, serve=serve, engine=engine)
     step_next(state, echo)
     return state

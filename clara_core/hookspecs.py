@@ -156,7 +156,8 @@ def register_routers(register: Any) -> None:
     :class:`~clara_core.plugin_api.RouteRequest`) to an adapter (or to the base with ``adapter_id=None``).
     The fit request carries sampled training texts per adapter (``examples``, ``held_out``), the keywords of
     ``clara router keywords`` and, for a router with ``needs_embeddings = True``, ``embed`` (the base model's
-    mean-pooled hidden states; in the server the engine's loaded base computes them). ``route_batch`` routes
+    mean-pooled hidden states, ``embed(texts, layer=k)`` for the hidden states after k decoder layers, ``0`` the
+    token embeddings, ``None`` the last; in the server the engine's loaded base computes them). ``route_batch`` routes
     many prompts at once (its default loops). clara keeps the manifest (base hash, adapter ids and checksums)
     and refuses a stale state, so a router only fits, saves, loads and routes.
 

@@ -22,7 +22,9 @@ What is here:
 - helpers trainer methods build on (:func:`load_causal_lm`, :func:`lora_config`, ...) and file helpers that
   never leave a half-written file (:func:`write_text_atomic`, :func:`write_json_atomic`);
 - the LoRA tensor helpers composites use, for exporters that convert adapters (:func:`lora_scaling`,
-  :func:`load_base_weights`, :func:`svd_lora_factors`, :func:`lora_relative_error`).
+  :func:`load_base_weights`, :func:`svd_lora_factors`, :func:`lora_relative_error`);
+- for engines that implement :meth:`EngineImpl.embed`: :func:`hidden_at` (a layer's hidden states, the forward
+  pass stopped there, exactly as the CLI embeds), :func:`layer_count` and :func:`resolve_layer`.
 
 Importing this module is cheap: nothing heavy (torch, transformers, peft, vllm) is imported.
 """
@@ -52,6 +54,7 @@ from .hookspecs import hookimpl
 from .naming import validate_adapter_id
 from .records import AdapterRecord, BaseRecord
 from .registry import Registry
+from .routing.embed import hidden_at, layer_count, resolve_layer
 from .training.methods import linear_module_names, load_causal_lm, lora_config, resolve_target_modules
 from .types import (
     AdapterSpec,
@@ -171,7 +174,9 @@ __all__ = [
     "check_adapter_for_base",
     "find_registry_path",
     "first_line",
+    "hidden_at",
     "hookimpl",
+    "layer_count",
     "linear_module_names",
     "load_base_weights",
     "load_causal_lm",
@@ -180,6 +185,7 @@ __all__ = [
     "lora_scaling",
     "read_adapter_config",
     "read_verified_adapter",
+    "resolve_layer",
     "resolve_target_modules",
     "svd_lora_factors",
     "validate_adapter_id",

@@ -34,7 +34,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
@@ -671,11 +671,16 @@ class EngineImpl(abc.ABC):
         """Number of tokens of ``text`` for the base tokenizer (for usage and limits)."""
         return len(text.split())
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Optional: one vector per text from the loaded *base* (no adapter), the mean of the last hidden
-        states over the text's tokens. Routers that need embeddings use it in the server instead of loading a
-        second copy of the model; an engine without it leaves it out (see :func:`engine_can_embed`), and
-        callers check :func:`engine_can_embed` first, so this default is reached only by a caller's mistake."""
+    async def embed(self, texts: Sequence[str], *, layer: int | None = None) -> list[list[float]]:
+        """Optional: one vector per text from the loaded *base* (no adapter), the mean of one layer's hidden
+        states over the text's tokens. ``layer`` counts as transformers' ``hidden_states`` do: ``0`` the token
+        embeddings, ``k`` the output of the k-th decoder layer, ``None`` or ``-1`` the last hidden states; for
+        a layer before the last, only the layers up to it should run (routing then costs a fraction of a
+        forward pass). A layer the base does not have raises :class:`clara_core.errors.InvalidInput`.
+        Routers that need embeddings use it in the server instead of loading a second copy of the model; the
+        vectors must equal the CLI's (``clara_core.routing.embed``), on which routers are fitted. An engine
+        without it leaves it out (see :func:`engine_can_embed`), and callers check :func:`engine_can_embed`
+        first, so this default is reached only by a caller's mistake."""
         raise PluginError(
             f"the engine {type(self).__module__}.{type(self).__qualname__} cannot embed texts; check "
             "engine_can_embed(engine) first and load the base for embeddings where it is false"
@@ -746,9 +751,13 @@ class ExporterImpl(abc.ABC):
 # --------------------------------------------------------------------------------------------------------------
 
 
-#: Text embeddings from the base model: one vector per text (mean-pooled hidden states). The server hands
-#: routers the engine's own (its already loaded base); the CLI one that loads the base once.
-EmbedFn = Callable[[Sequence[str]], list[list[float]]]
+class EmbedFn(Protocol):
+    """Text embeddings from the base model: one vector per text, the mean of the hidden states at ``layer``
+    over its tokens (``0``: the token embeddings, ``k``: after k decoder layers, ``None`` or ``-1``: the last,
+    as :meth:`EngineImpl.embed`). The server hands routers the engine's own (its already loaded base); the
+    CLI one that loads the base once."""
+
+    def __call__(self, texts: Sequence[str], *, layer: int | None = None) -> list[list[float]]: ...
 
 
 @attrs.define

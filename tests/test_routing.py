@@ -62,7 +62,7 @@ def dev_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_gesetze
-@pytest.mark.parametrize("router", ["keyword", "embedding"])
+@pytest.mark.parametrize("router", ["keyword", "embedding", "arrow"])
 def test_fit_eval_and_route_on_the_law_corpora(
     law_ws: Workspace, dev_file: Path, router: str, tmp_path: Path
 ) -> None:
@@ -137,9 +137,9 @@ def test_embedding_fit_is_cached_per_adapter_checksum(law_ws: Workspace) -> None
     inner = local_embedder(base)
     embedded: list[int] = []
 
-    def counting(texts):
+    def counting(texts, *, layer=None):
         embedded.append(len(texts))
-        return inner(texts)
+        return inner(texts, layer=layer)
 
     data = parse_data_options([a.split("=", 1)[1] for a in _data_args()])
     kwargs = {"data": data, "sample": 10, "embed": counting}
@@ -148,6 +148,71 @@ def test_embedding_fit_is_cached_per_adapter_checksum(law_ws: Workspace) -> None
     embedded.clear()
     fit_router(law_ws, PluginManager(), "embedding", **kwargs)
     assert first == 3 * 10 + sum(embedded)  # the second fit embeds only the held-out texts for the threshold
+    embedded.clear()
+    fit_router(law_ws, PluginManager(), "embedding", options={"layer": 1}, **kwargs)
+    assert sum(embedded) == first  # another layer: other embeddings, nothing cached applies
+
+
+def test_early_layers_stop_the_forward_pass_and_equal_the_full_passes_hidden_states(
+    tiny_base_dir: Path,
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clara_core.errors import InvalidInput
+    from clara_core.routing.embed import LocalEmbedder, _decoder_layers, layer_count
+
+    texts = ["Das Finanzamt setzt die Steuer fest.", "Klage beim Verwaltungsgericht", "kurz"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
+    count = layer_count(model)
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model(**encoded, output_hidden_states=True).hidden_states
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    embedder = LocalEmbedder(tiny_base_dir)
+    ran: list[int] = []
+    for layer in [0, 1, count, -1]:
+        expected = (full[layer] * mask).sum(1) / mask.sum(1)
+        embedder(["warm-up"], layer=layer)  # loads the model
+        handles = [
+            m.register_forward_hook(lambda *_a, i=i: ran.append(i))
+            for i, m in enumerate(_decoder_layers(embedder._model, count))
+        ]
+        try:
+            ran.clear()
+            got = embedder(texts, layer=layer)
+        finally:
+            for h in handles:
+                h.remove()
+        assert torch.tensor(got) == pytest.approx(expected, rel=1e-4, abs=1e-5), layer
+        # only the decoder layers up to the wanted one ran
+        assert sorted(set(ran)) == list(range(count if layer in (count, -1) else layer)), (layer, ran)
+    with pytest.raises(InvalidInput, match=f"layer 9: the base has {count} decoder layers; use 0"):
+        embedder(texts, layer=9)
+
+
+@needs_gesetze
+def test_a_router_state_of_an_older_format_is_refused_with_the_refit_command(
+    law_ws: Workspace, tmp_path: Path
+) -> None:
+    import shutil
+
+    shutil.copytree(law_ws.root, tmp_path / "ws")
+    ws = Workspace.find(tmp_path / "ws")
+    assert _run(ws, "router", "fit", *_data_args(), "--sample", "8").exit_code == 0
+    state = ws.metadata_dir / "routers" / "embedding" / "state" / "router.json"
+    assert json.loads(state.read_text())["format"] == 2
+    # what the first embedding router wrote: centroids in the JSON, no format
+    state.write_text(json.dumps({"base_model_hash": "x", "centre": [0.0], "centroids": {}, "threshold": 0.1}))
+    result = _run(ws, "route", "Steuer?")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "state has format 1" in lines[0] and "run 'clara router fit --router embedding'" in lines[0], lines
+    bad = _run(ws, "router", "fit", *_data_args(), "--sample", "8", "-o", "layer=99")
+    assert bad.exit_code != 0 and "layer 99: the base has" in bad.output and "Traceback" not in bad.output
 
 
 def test_stale_router_and_bad_input_are_one_line(

@@ -61,7 +61,7 @@ def routed_ws(tmp_path_factory: pytest.TempPathFactory, tiny_base_dir: Path) -> 
         lines = [" ".join(words[j % len(words) :] + words[: j % len(words)][: j % 3]) for j in range(30)]
         file.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
         data += ["--data", f"{domain}={file}"]
-    _cli(ws, "router", "fit", "--router", "embedding", "--threshold", "0.7", *data)
+    _cli(ws, "router", "fit", "--router", "embedding", "--threshold", "0.5", *data)
     return ws
 
 
@@ -141,10 +141,12 @@ def test_engine_embeddings_are_the_cli_embeddings(server: Any) -> None:
     assert state.router_embed is None  # the engine embeds: no second copy of the base
     assert len(state.engine.loaded_adapters()) == 3
     texts = [CLEAR["steuer"], UNRELATED, "kurz"]
-    engine_vectors = asyncio.run(state.engine.embed(texts))  # runs on the engine's worker thread
-    local = local_embedder(state.base)(texts)
-    for a, b in zip(engine_vectors, local, strict=True):
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
+    local = local_embedder(state.base)
+    for layer in (0, 1, None):  # the router's default layer, a stop after one layer, the last layer
+        engine_vectors = asyncio.run(state.engine.embed(texts, layer=layer))  # on the engine's worker thread
+        for a, b in zip(engine_vectors, local(texts, layer=layer), strict=True):
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-4), layer
+    assert asyncio.run(state.engine.embed(texts)) == asyncio.run(state.engine.embed(texts, layer=-1))
 
 
 def test_a_stale_or_unfitted_router_is_refused_at_start(

@@ -12,14 +12,27 @@ Usage: python benchmarks/route/bench_route.py [--quick] [--json results.json] [-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ["steuerrecht", "sozialrecht", "verfahren"]
+#: trained adapters for the arrow router, kept between runs
+CACHE = Path(tempfile.gettempdir()) / "clara-bench-route-adapters"
+#: configurations measured: label -> (router, options)
+CONFIGS = {
+    # the embedding router as first built: last hidden states, centred, no whitening
+    "embedding-last": ("embedding", {"layer": -1, "whiten": 0.0}),
+    "embedding": ("embedding", {}),  # its defaults: token embeddings (layer 0), centred, whitened
+    "keyword": ("keyword", {}),
+    "arrow": ("arrow", {}),  # from the trained adapters' own weights
+}
 UNSEEN = {"steuerrecht": {"UStG 1980"}, "sozialrecht": {"SGB 1"}, "verfahren": {"VwVG", "VwZG 2005"}}
 
 
@@ -42,20 +55,57 @@ def write(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def gen_seconds(base: Path, prompts: list[str], tokens: int = 32) -> float:
+def side_by_side(base: Path, embed: Any, prompts: list[str], tokens: int = 32) -> dict[str, Any]:
+    """Per prompt, one after the other: embedding it at layer 0 (the embedding router's default), embedding it
+    at the last layer (the router as first built) and generating ``tokens`` tokens (greedy) from it. On a
+    shared machine a burst of other work then slows all three alike, and the per-prompt ratio holds."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base).eval()
-    times = []
+    rows = []
     with torch.no_grad():
         for prompt in prompts:
+            row = {}
+            for name, layer in (("layer 0", 0), ("last layer", -1)):
+                start = time.perf_counter()
+                embed([prompt], layer=layer)
+                row[name] = time.perf_counter() - start
             ids = tok(prompt, return_tensors="pt", truncation=True, max_length=128)
             start = time.perf_counter()
             model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            row["generate"] = time.perf_counter() - start
+            rows.append(row)
+    median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    ratio = {k: statistics.median(r[k] / r["generate"] for r in rows) for k in ("layer 0", "last layer")}
+    return {"prompts": len(rows), "median_seconds": median, "median_ratio_to_generate": ratio}
+
+
+def trained_adapter(base: Any, data: Path, domain: str, clara: Any, ws: Path, *, steps: int) -> Path | None:
+    """A small LoRA adapter of ``domain`` trained on ``data`` (the seen laws' train sections), kept in a cache
+    folder between runs (keyed by the base's hash, the data and the settings): the cached folder to register,
+    or ``None`` when it was trained (and registered) now."""
+    settings = ["--rank", "8", "--max-steps", str(steps), "--batch-size", "8", "--max-seq-len", "128"]
+    settings += ["--lr", "3e-3", "--dropout", "0", "--seed", "0"]
+    key = hashlib.sha256(
+        json.dumps([base.base_model_hash, hashlib.sha256(data.read_bytes()).hexdigest(), settings]).encode()
+    ).hexdigest()[:16]
+    cached = CACHE / f"{domain}-{key}"
+    if (cached / "adapter_model.safetensors").is_file():
+        print(f"{domain}: trained adapter from the cache {cached}", flush=True)
+        return cached
+    start = time.perf_counter()
+    clara("train", "--base", "base", "--domain", domain, "--dataset", str(data), *settings)
+    listed = json.loads(clara("adapters", "list", "--json"))
+    out = ws / next(a["path"] for a in listed if a["domain"] == [domain])  # relative to the workspace
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = CACHE / f".{domain}-{key}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(out, partial)
+    partial.rename(cached)
+    print(f"{domain}: trained {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    return None
 
 
 def main() -> None:
@@ -64,8 +114,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plots", type=Path, help="write the confusion matrices (PNG) into this folder")
     parser.add_argument("--sample", type=int, default=400, help="training texts per adapter")
+    parser.add_argument(
+        "--routers",
+        default=",".join(CONFIGS),
+        help=f"comma-separated configurations to run (default: all of {', '.join(CONFIGS)})",
+    )
+    parser.add_argument("--train-steps", type=int, default=30, help="training steps of each arrow adapter")
     args = parser.parse_args()
 
+    from click.testing import CliRunner
+
+    from clara_core.cli import ClaraContext, cli
     from clara_core.plugins import PluginManager
     from clara_core.registry import Registry
     from clara_core.routing import evaluate, fit_router, load_router, local_embedder, plot_confusion
@@ -90,22 +149,7 @@ def main() -> None:
     base = build_llama(tmp / "base", texts=corpus, seed=0, **size)
     ws, _ = Workspace.init(tmp / "ws")
     with Registry.open(ws.registry_path) as registry:
-        registry.add_base(base, name="base", workspace=ws)
-        for i, domain in enumerate(DOMAINS):
-            registry_adapter = random_lora_adapter(base, tmp / "made" / domain, seed=i + 1)
-            from click.testing import CliRunner
-
-            from clara_core.cli import ClaraContext, cli
-
-            out = CliRunner().invoke(
-                cli,
-                ["adapters", "register", str(registry_adapter), "--domain", domain, "--base", "base"],
-                obj=ClaraContext(workspace=ws.root, plugins=PluginManager()),
-            )
-            assert out.exit_code == 0, out.output
-    with Registry.open(ws.registry_path) as registry:
-        base_record = registry.choose_base(None)
-    embed = local_embedder(base_record)
+        base_record = registry.add_base(base, name="base", workspace=ws)
 
     splits = {}
     train = {d: read(gesetze / d / "train.jsonl") for d in DOMAINS}
@@ -114,13 +158,33 @@ def main() -> None:
         {d: write(tmp / f"train-{d}.jsonl", train[d]) for d in DOMAINS},
         write(tmp / "dev.jsonl", [r for d in DOMAINS for r in dev[d]]),
     )
+    seen = {
+        d: write(tmp / f"seen-{d}.jsonl", [r for r in train[d] if r["law"] not in UNSEEN[d]]) for d in DOMAINS
+    }
     splits["unseen laws"] = (
-        {
-            d: write(tmp / f"seen-{d}.jsonl", [r for r in train[d] if r["law"] not in UNSEEN[d]])
-            for d in DOMAINS
-        },
+        seen,
         write(tmp / "unseen.jsonl", [r for d in DOMAINS for r in train[d] + dev[d] if r["law"] in UNSEEN[d]]),
     )
+
+    def clara(*argv: str) -> str:
+        out = CliRunner().invoke(
+            cli, list(argv), obj=ClaraContext(workspace=ws.root, plugins=PluginManager())
+        )
+        assert out.exit_code == 0, out.output
+        return str(out.output)
+
+    arrow = any(CONFIGS[label][0] == "arrow" for label in args.routers.split(","))
+    for i, domain in enumerate(DOMAINS):
+        if arrow:  # the arrow router reads the adapters' weights: they must have learned their domain
+            folder = trained_adapter(
+                base_record, seen[domain], domain, clara, ws.root, steps=args.train_steps
+            )
+        else:  # the other routers only read the training texts: any adapter will do
+            folder = random_lora_adapter(base, tmp / "made" / domain, seed=i + 1)
+        if folder is not None:
+            clara("adapters", "register", str(folder), "--domain", domain, "--base", "base")
+    embed = local_embedder(base_record)
+
     sample = 40 if args.quick else args.sample
     results = []
     plugins = PluginManager()
@@ -128,27 +192,41 @@ def main() -> None:
         records = [(r["text"], r["domain"]) for r in read(labeled)]
         if args.quick:
             records = records[::10]
-        for router in ("embedding", "keyword"):
+        for label in args.routers.split(","):
+            router, options = CONFIGS[label]
             start = time.perf_counter()
-            fit_router(ws, plugins, router, data=data, sample=sample, embed=embed)
+            fit_router(ws, plugins, router, data=data, sample=sample, embed=embed, options=options)
             fit_s = time.perf_counter() - start
             loaded = load_router(ws, plugins, router)
             result = evaluate(loaded, records, embed if loaded.router.needs_embeddings else None)
-            result.update(split=split, fit_seconds=fit_s)
+            result.update(split=split, fit_seconds=fit_s, config=label, options=options)
             results.append(result)
             if args.plots:
                 args.plots.mkdir(parents=True, exist_ok=True)
-                name = f"confusion-{router}-{split.replace(' ', '-')}.png"
+                name = f"confusion-{label}-{split.replace(' ', '-')}.png"
                 plot_confusion(result, args.plots / name)
             print(
-                f"{split:12} {router:10} accuracy {result['accuracy']:.1%}  p50 "
+                f"{split:12} {label:15} accuracy {result['accuracy']:.1%}  p50 "
                 f"{result['latency_seconds']['p50'] * 1000:.2f} ms  p95 {result['latency_seconds']['p95'] * 1000:.2f} ms"
                 f"  ({result['records']} prompts)",
                 flush=True,
             )
-    generate = gen_seconds(base, [r["text"] for r in dev["steuerrecht"][:5]])
-    print(f"generating 32 tokens: {generate * 1000:.1f} ms (median of 5)")
-    summary = {"base": size, "sample": sample, "generate_32_tokens_seconds": generate, "results": results}
+    prompts = [r["text"] for d in DOMAINS for r in dev[d][: 2 if args.quick else 7]]
+    latency = side_by_side(base, embed, prompts)
+    generate = latency["median_seconds"]["generate"]
+    for name, ratio in latency["median_ratio_to_generate"].items():
+        print(
+            f"embedding a prompt at the {name}: {latency['median_seconds'][name] * 1000:.1f} ms, "
+            f"{ratio:.1%} of generating 32 tokens (median of {latency['prompts']} prompts)"
+        )
+    print(f"generating 32 tokens: {generate * 1000:.1f} ms (median of {latency['prompts']})")
+    summary = {
+        "base": size,
+        "sample": sample,
+        "generate_32_tokens_seconds": generate,
+        "side_by_side": latency,
+        "results": results,
+    }
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 

@@ -25,8 +25,9 @@ def router() -> None:
 
     A router is fitted on the registered adapters of one base and saved in metadata/routers/NAME/. Registering,
     removing or changing an adapter, or editing keywords, makes it stale: clara then refuses it and names the
-    command to refit. Built-in routers (clara-plugin-router): 'embedding' (the base model's own hidden states)
-    and 'keyword' (patterns per domain); 'clara plugins' lists all.
+    command to refit. Built-in routers (clara-plugin-router): 'embedding' (the base model's own hidden states),
+    'keyword' (patterns per domain) and 'arrow' (experimental: from the adapters' LoRA weights); 'clara plugins'
+    lists all.
     """
 
 

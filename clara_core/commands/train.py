@@ -212,7 +212,8 @@ def train(ctx: click.Context, **values: Any) -> None:
 def create_demo(directory: Path) -> None:
     """Build the small demo base model into DIRECTORY, offline (Llama architecture, local tokenizer).
 
-    Its weights are random; it exists so that clara can be tried on a machine with no model and no network.
+    Its random weights are warmed up briefly on the demo's German texts (seeded, about half a minute on a CPU);
+    it exists so that clara can be tried on a machine with no model and no network.
     """
     from ..demo import build_demo_base
 
@@ -252,8 +253,8 @@ def quickstart(ctx: click.Context, directory: Path | None, method: str, steps: i
     Builds the demo base offline, writes example datasets for steuerrecht and sozialrecht, trains and
     registers an adapter for each, asks each domain's question to the base and to every adapter, then
     serves the base with both adapters hot-swapped in behind the HTTP API and asks the server the same,
-    evaluates them on both dev sets, and combines them 50/50 into a composite that is asked both questions
-    and measured for the perplexity gain it keeps of each adapter.
+    evaluates them on both dev sets, and combines them into a composite (each weighted 0.7) that is asked both
+    questions and measured for the perplexity gain it keeps of each adapter.
 
     Interrupted, the same command goes on where it stopped: adapters already trained with the same inputs are
     reused, an interrupted training continues from its checkpoint.

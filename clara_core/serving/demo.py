@@ -37,6 +37,7 @@ def serve_and_query(
     max_loaded: int = 4,
     chat: bool = False,
     engine_options: Sequence[str] = (),
+    router: str | None = None,
     startup_timeout: float = 300.0,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -44,7 +45,9 @@ def serve_and_query(
     the engine batches them, and return the answers (``prompt``, ``text``, ``adapter_id``, ``usage``,
     ``seconds``) in the order of ``queries``. Adapters are hot-swapped in on first use. With ``chat`` the
     prompt is a user message through the base's chat template (``/v1/chat/completions``, greedy), else a raw
-    prompt (``/generate``, greedy). ``engine_options`` are ``NAME=VALUE`` strings (``clara serve -o``)."""
+    prompt (``/generate``, greedy). ``engine_options`` are ``NAME=VALUE`` strings (``clara serve -o``). With
+    ``router`` the server routes (``clara serve --router NAME``): a query for adapter ``"auto"`` goes to the
+    adapter it picks, and its answer has ``route`` (the chosen adapter, score and scores)."""
     import httpx
 
     out = echo or (lambda line: print(line, file=sys.stderr))
@@ -58,6 +61,8 @@ def serve_and_query(
         command += ["--base", base]
     for option in engine_options:
         command += ["-o", option]
+    if router:
+        command += ["--router", router]
     env = {k: v for k, v in os.environ.items() if k != "CLARA_API_KEY"}
     out(f"Starting clara {' '.join(command[3:])} ...")
     # The server's log goes to a file, not a pipe nobody reads while it runs (a full pipe would stall it).
@@ -131,6 +136,7 @@ def _query_all(
                         "adapter_id": answer["clara"]["adapter_id"],
                         "finish_reason": answer["choices"][0]["finish_reason"],
                         "usage": answer["usage"],
+                        "route": answer["clara"].get("route"),
                     }
                 answer["seconds"] = round(time.perf_counter() - started, 3)
                 answer["prompt"] = prompt

@@ -249,8 +249,8 @@ class ServerState:
         loop = asyncio.get_running_loop()
         engine = self.engine
 
-        def embed(texts: Sequence[str]) -> list[list[float]]:
-            return asyncio.run_coroutine_threadsafe(engine.embed(list(texts)), loop).result()
+        def embed(texts: Sequence[str], *, layer: int | None = None) -> list[list[float]]:
+            return asyncio.run_coroutine_threadsafe(engine.embed(list(texts), layer=layer), loop).result()
 
         return embed
 

@@ -1,11 +1,14 @@
 """clara's built-in routers.
 
-``embedding``: texts become the base model's own mean-pooled hidden states (no extra model); each adapter gets
-one or more centroids of a sample of its training data; a prompt goes to the adapter of the most similar
-centroid (cosine, after removing the mean that all domains' embeddings share: ``scores``), or to the base when the
-plain cosine to that adapter's mean direction (``score``) is below a threshold (fitted on held-out training texts:
-95% of them pass; or set with ``--threshold X``). Centroids are cached per adapter checksum: a refit after one adapter changed embeds
-only that adapter's texts.
+``embedding``: texts become the base model's own mean-pooled hidden states (no extra model) at one layer (option
+``layer``; default 0, the token embeddings: the forward pass stops there, and on a base whose deeper layers say
+little it carries the most domain vocabulary); each adapter gets one or more centroids of a sample of its training
+data; a prompt goes to the adapter of the most similar centroid (cosine, after subtracting the mean all domains
+share and whitening by the within-domain covariance: ``scores``), or to the base when the plain cosine to that
+adapter's mean direction (``score``) is below a threshold (fitted on held-out training texts: 95% of them pass;
+or set with ``--threshold X``). Embeddings are cached per adapter checksum and layer: a refit after one adapter
+changed embeds only that adapter's texts. The state is versioned (``EMBEDDING_FORMAT``); a state of another format
+is refused with the command to refit.
 
 ``keyword``: per-domain regular expressions from ``clara router keywords add``, plus words the router learns
 from the training data (frequent in one domain's texts, rare in the others'); a prompt goes to the adapter
@@ -94,11 +97,90 @@ def _unit(x: Any) -> Any:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+#: The embedding router's state format; a state of another format is refused (refit).
+EMBEDDING_FORMAT = 2
+ARRAYS_FILE = "arrays.npz"
+#: Most whitening directions kept (the within-domain covariance is low-rank plus the shrinkage target).
+MAX_DIRECTIONS = 256
+
+
+def _flag(options: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInput(f"{name} must be true or false, got {value!r}")
+
+
+def _fraction(options: Mapping[str, Any], name: str, default: float) -> float:
+    value = options.get(name, default)
+    try:
+        number = float(value if value is not None else default)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise InvalidInput(f"{name} must be between 0 and 1, got {number:g}")
+    return number
+
+
+def _layer(options: Mapping[str, Any]) -> int:
+    value = options.get("layer", 0)
+    try:
+        return int(value if value is not None else 0)
+    except (TypeError, ValueError):
+        raise InvalidInput(
+            f"layer must be a whole number (0: token embeddings, -1: last), got {value!r}"
+        ) from None
+
+
+class _Whitening:
+    """``x -> W (x - centre)`` with ``W`` the inverse square root of the shrunk within-domain covariance
+    ``(1 - whiten) * mu * I + whiten * S`` (``mu``: the mean eigenvalue of ``S``), kept low-rank: the top
+    directions of ``S`` and one scale for everything else. ``whiten=0`` leaves ``x - centre`` as it is."""
+
+    def __init__(self, centre: Any, dirs: Any, scales: Any, rest: float) -> None:
+        self.centre, self.dirs, self.scales, self.rest = centre, dirs, scales, rest
+
+    @classmethod
+    def fit(cls, groups: Sequence[Any], centre: Any, whiten: float) -> _Whitening:
+        import numpy as np
+
+        dim = len(centre)
+        if whiten <= 0.0:
+            return cls(centre, np.zeros((0, dim)), np.zeros(0), 1.0)
+        within = np.concatenate([g - g.mean(axis=0) for g in groups])
+        n = max(1, len(within))
+        _, sv, vt = np.linalg.svd(within / math.sqrt(n), full_matrices=False)
+        eigen = sv**2
+        mu = float(eigen.sum()) / dim
+        if mu <= 0.0:  # every text of a domain embeds the same: nothing to whiten
+            return cls(centre, np.zeros((0, dim)), np.zeros(0), 1.0)
+        keep = min(MAX_DIRECTIONS, len(eigen))
+        shrink = max(1.0 - whiten, 1e-3)
+        # scaled by sqrt(mu): the numbers stay near 1 (cosines do not care)
+        rest = 1.0 / math.sqrt(shrink)
+        scales = np.sqrt(mu) / np.sqrt((1.0 - shrink) * eigen[:keep] + shrink * mu)
+        return cls(centre, vt[:keep], scales, rest)
+
+    def __call__(self, x: Any) -> Any:
+        y = x - self.centre
+        if not len(self.scales):
+            return y
+        proj = y @ self.dirs.T
+        return self.rest * y + (proj * (self.scales - self.rest)) @ self.dirs
+
+
 class EmbeddingRouter(RouterImpl):
     needs_embeddings = True
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
+        self.arrays: dict[str, Any] = {}
+        self._white: _Whitening | None = None
 
     def fit(self, request: RouterFitRequest) -> None:
         import numpy as np
@@ -107,71 +189,108 @@ class EmbeddingRouter(RouterImpl):
             raise InvalidInput("the embedding router needs the base model's embeddings")
         threshold = _threshold(request.options)
         k = _positive_int(request.options, "centroids", 1)
+        layer = _layer(request.options)
+        centre_on = _flag(request.options, "centre", True)
+        whiten = _fraction(request.options, "whiten", 0.5)
+        embed = request.embed
         cache: dict[str, Any] = {}
         if request.previous is not None and (request.previous / STATE_FILE).is_file():
-            old = _read_state(request.previous)
-            if old.get("base_model_hash") == request.base.base_model_hash:
-                cache = old.get("cache", {})
+            try:
+                old = _read_state(request.previous)
+                if old.get("format") == EMBEDDING_FORMAT and old.get("base_model_hash") == (
+                    request.base.base_model_hash
+                ):
+                    with np.load(request.previous / ARRAYS_FILE, allow_pickle=False) as stored:
+                        cache = {
+                            a: (entry["key"], np.asarray(stored[entry["array"]], dtype=np.float64))
+                            for a, entry in old.get("cache", {}).items()
+                        }
+            except (OSError, ValueError, KeyError):
+                cache = {}  # an unreadable cache is only a slower fit
         raw: dict[str, Any] = {}
-        entries: dict[str, Any] = {}
-        for adapter in request.adapters:
+        cache_meta: dict[str, Any] = {}
+        arrays: dict[str, Any] = {}
+        ids = [a.id for a in request.adapters]
+        for i, adapter in enumerate(request.adapters):
             texts = list(request.examples.get(adapter.id, []))
             if not texts:
                 raise InvalidInput(
                     f"adapter '{adapter.id}' has no training texts to fit the embedding router on"
                 )
-            key = json.dumps([adapter.adapter_checksum, len(texts), sorted(texts)[:3]], ensure_ascii=False)
+            key = json.dumps(
+                [adapter.adapter_checksum, layer, len(texts), sorted(texts)[:3]], ensure_ascii=False
+            )
             hit = cache.get(adapter.id)
-            if hit is not None and hit.get("key") == key:
-                vectors = np.asarray(hit["mean_raw"]), np.asarray(hit["vectors"])
+            if hit is not None and hit[0] == key:
+                emb = hit[1]
             else:
-                emb = np.asarray(request.embed(texts), dtype=np.float64)
-                vectors = emb.mean(axis=0), emb
-            raw[adapter.id] = vectors
-            entries[adapter.id] = {
-                "key": key,
-                "mean_raw": vectors[0].tolist(),
-                "vectors": vectors[1].tolist(),
-            }
+                emb = np.asarray(embed(texts, layer=layer), dtype=np.float64)
+            raw[adapter.id] = emb
+            cache_meta[adapter.id] = {"key": key, "array": f"cache{i}"}
+            arrays[f"cache{i}"] = emb.astype(np.float32)
+        dim = next(iter(raw.values())).shape[1]
         # the mean over adapters (not texts): every domain counts the same
-        centre = np.mean([m for m, _ in raw.values()], axis=0)
-        centroids = {a: _kmeans(_unit(v - centre), k).tolist() for a, (_, v) in raw.items()}
-        plain = {a: _unit(_unit(v).mean(axis=0)).tolist() for a, (_, v) in raw.items()}
+        centre = np.mean([v.mean(axis=0) for v in raw.values()], axis=0) if centre_on else np.zeros(dim)
+        white = _Whitening.fit(list(raw.values()), centre, whiten)
+        owners: list[int] = []
+        centroids = []
+        for i, a in enumerate(ids):
+            c = _kmeans(_unit(white(raw[a])), k)
+            centroids.append(c)
+            owners += [i] * len(c)
+        arrays.update(
+            centre=centre,
+            dirs=white.dirs,
+            scales=white.scales,
+            centroids=np.concatenate(centroids),
+            owners=np.asarray(owners, dtype=np.int64),
+            plain=np.stack([_unit(_unit(raw[a]).mean(axis=0)) for a in ids]),
+        )
+        self.arrays = arrays
+        self._white = white
         self.state = {
+            "format": EMBEDDING_FORMAT,
             "base_model_hash": request.base.base_model_hash,
-            "centre": centre.tolist(),
-            "centroids": centroids,
-            "plain": plain,
-            "cache": entries,
+            "adapters": ids,
+            "layer": layer,
+            "centre": centre_on,
+            "whiten": whiten,
+            "rest": white.rest,
+            "centroids_per_adapter": k,
+            "cache": cache_meta,
             "threshold": threshold,
             "threshold_source": "option" if threshold is not None else "held-out",
         }
         if threshold is None:
             held = [t for a in request.adapters for t in request.held_out.get(a.id, [])]
             if held:
-                best = [d.score for d in self._route_embedded(np.asarray(request.embed(held)), 0.0)]
+                emb = np.asarray(embed(held, layer=layer), dtype=np.float64)
+                best = [d.score for d in self._route_embedded(emb, 0.0)]
                 # 95% of held-out in-domain texts stay above it
                 self.state["threshold"] = max(0.0, float(np.quantile(best, 0.05)) - 0.02)
             else:
                 self.state["threshold"] = 0.0
 
     def _route_embedded(self, emb: Any, threshold: float) -> list[RouteDecision]:
-        """The adapter whose centroid is most similar once the mean all domains share is removed (what tells
-        domains apart); the score is the plain cosine to that adapter's mean direction (how close the prompt is
-        to the adapter's texts at all), and below ``threshold`` the base answers."""
+        """The adapter whose centroid is most similar once the embeddings are centred and whitened (what tells
+        domains apart); the score is the plain cosine to that adapter's mean direction (how close the prompt
+        is to the adapter's texts at all), and below ``threshold`` the base answers."""
         import numpy as np
 
+        assert self._white is not None
         emb = np.asarray(emb, dtype=np.float64)
-        x = _unit(emb - np.asarray(self.state["centre"]))
-        plain = _unit(emb)
-        ids = list(self.state["centroids"])
-        sims = np.stack([np.max(x @ np.asarray(self.state["centroids"][a]).T, axis=1) for a in ids], axis=1)
+        ids = list(self.state["adapters"])
+        x = _unit(self._white(emb))
+        sims_all = x @ np.asarray(self.arrays["centroids"]).T
+        owners = np.asarray(self.arrays["owners"])
+        sims = np.stack([np.max(sims_all[:, owners == i], axis=1) for i in range(len(ids))], axis=1)
+        plain = _unit(emb) @ np.asarray(self.arrays["plain"]).T
         out = []
         for row, p in zip(sims, plain, strict=True):
             scores = {a: round(max(0.0, float(s)), 6) for a, s in zip(ids, row, strict=True)}
-            best = ids[int(np.argmax(row))]
-            score = max(0.0, float(p @ np.asarray(self.state["plain"][best])))
-            out.append(RouteDecision(best if score >= threshold else None, score, scores))
+            best = int(np.argmax(row))
+            score = max(0.0, float(p[best]))
+            out.append(RouteDecision(ids[best] if score >= threshold else None, score, scores))
         return out
 
     def route(self, request: RouteRequest) -> RouteDecision:
@@ -183,13 +302,186 @@ class EmbeddingRouter(RouterImpl):
         embed = requests[0].embed
         if embed is None:
             raise InvalidInput("the embedding router needs the base model's embeddings")
-        return self._route_embedded(embed([r.prompt for r in requests]), float(self.state["threshold"]))
+        emb = embed([r.prompt for r in requests], layer=int(self.state["layer"]))
+        return self._route_embedded(emb, float(self.state["threshold"]))
 
     def save(self, state_dir: Path) -> None:
+        import numpy as np
+
+        with (state_dir / ARRAYS_FILE).open("wb") as f:
+            np.savez(f, **self.arrays)
         (state_dir / STATE_FILE).write_text(json.dumps(self.state), encoding="utf-8")
 
     def load(self, state_dir: Path) -> None:
-        self.state = _read_state(state_dir)
+        import numpy as np
+
+        state = _read_state(state_dir)
+        found = state.get("format", 1)
+        if found != EMBEDDING_FORMAT:
+            raise ValueError(
+                f"its state has format {found}, written by an older clara-plugin-router; this one reads format "
+                f"{EMBEDDING_FORMAT}"
+            )
+        with np.load(state_dir / ARRAYS_FILE, allow_pickle=False) as stored:
+            self.arrays = {
+                name: np.asarray(stored[name]) for name in stored.files if not name.startswith("cache")
+            }
+        self.state = state
+        self._white = _Whitening(
+            self.arrays["centre"], self.arrays["dirs"], self.arrays["scales"], float(state["rest"])
+        )
+
+
+# -- arrow --------------------------------------------------------------------------------------------------------
+
+ARROW_FORMAT = 1
+#: LoRA modules whose input is not the (normed) residual stream entering their decoder layer: left out
+_NOT_RESIDUAL = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "wo", "fc2", "dense_4h_to_h"}
+_LAYER_OF = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def top_right_singular_vector(a: Any, b: Any, iterations: int = 50, seed: int = 0) -> Any:
+    """The top right singular vector of ``b @ a`` (LoRA's delta, up to its scale) by power iteration on
+    ``a.T @ (b.T @ b) @ a``, never forming the ``out x in`` delta: each step costs ``O(r * (in + out))``."""
+    import numpy as np
+
+    gram = b.T @ b  # r x r
+    v = np.random.default_rng(seed).standard_normal(a.shape[1])
+    v /= max(float(np.linalg.norm(v)), 1e-12)
+    for _ in range(iterations):
+        w = a.T @ (gram @ (a @ v))
+        norm = float(np.linalg.norm(w))
+        if norm == 0.0:
+            return v
+        v = w / norm
+    return v
+
+
+def lora_prototypes(folder: Path) -> list[tuple[int, str, Any]]:
+    """``(layer, module, v)`` for every LoRA pair of the PEFT adapter in ``folder``: ``v`` the top right
+    singular vector of its delta (the direction of the input the adapter changes most)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise InvalidInput(f"{folder}: no adapter_model.safetensors; the arrow router reads the LoRA weights")
+    tensors = load_file(str(file))
+    out = []
+    for key, a in sorted(tensors.items()):
+        if ".lora_A." not in key:
+            continue
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        found = _LAYER_OF.search(key)
+        if b is None or found is None or a.dim() != 2:
+            continue
+        module = key.split(".lora_A.")[0].rsplit(".", 1)[-1]
+        v = top_right_singular_vector(a.double().numpy(), b.double().numpy())
+        out.append((int(found.group(1)), module, np.asarray(v)))
+    return out
+
+
+class ArrowRouter(RouterImpl):
+    """Training-free routing from the adapters' own weights (PEFT's Arrow, at prompt level): per LoRA module
+    the top right singular vector ``v`` of its delta ``B @ A`` is a prototype; a prompt's score for an adapter is
+    the mean over the adapter's modules of ``|<h, v>|``, ``h`` the prompt's normalised mean hidden state entering
+    that module's decoder layer. The best adapter wins; the base answers when its score is below the threshold
+    (fitted on held-out training texts as for ``embedding``, or set by hand)."""
+
+    needs_embeddings = True
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.prototypes: Any = None  # (n, dim)
+        self.layers: Any = None  # (n,) the decoder layer of each prototype
+        self.owners: Any = None  # (n,) the adapter (index into state["adapters"]) of each prototype
+
+    def fit(self, request: RouterFitRequest) -> None:
+        import numpy as np
+
+        if request.embed is None:
+            raise InvalidInput("the arrow router needs the base model's hidden states")
+        threshold = _threshold(request.options)
+        dim = len(request.embed(["a"], layer=0)[0])
+        rows, layers, owners = [], [], []
+        for index, adapter in enumerate(request.adapters):
+            mine = [
+                (layer, v)
+                for layer, module, v in lora_prototypes(Path(adapter.path))
+                if module not in _NOT_RESIDUAL and len(v) == dim
+            ]
+            if not mine:
+                raise InvalidInput(
+                    f"adapter '{adapter.id}' has no LoRA module on the hidden states (q/k/v, gate/up "
+                    "projections); the arrow router cannot route to it"
+                )
+            for layer, v in mine:
+                rows.append(v)
+                layers.append(layer)
+                owners.append(index)
+        self.prototypes = np.stack(rows)
+        self.layers = np.asarray(layers, dtype=np.int64)
+        self.owners = np.asarray(owners, dtype=np.int64)
+        self.state = {
+            "format": ARROW_FORMAT,
+            "adapters": [a.id for a in request.adapters],
+            "threshold": threshold,
+            "threshold_source": "option" if threshold is not None else "held-out",
+        }
+        if threshold is None:
+            held = [t for a in request.adapters for t in request.held_out.get(a.id, [])]
+            best = [d.score for d in self._route(held, request.embed, 0.0)] if held else [0.0]
+            self.state["threshold"] = max(0.0, float(np.quantile(best, 0.05)) - 0.01)
+
+    def _route(self, prompts: Sequence[str], embed: Any, threshold: float) -> list[RouteDecision]:
+        import numpy as np
+
+        ids = list(self.state["adapters"])
+        sums = np.zeros((len(prompts), len(ids)))
+        counts = np.bincount(self.owners, minlength=len(ids)).astype(np.float64)
+        for layer in sorted(set(self.layers.tolist())):
+            h = _unit(np.asarray(embed(list(prompts), layer=int(layer)), dtype=np.float64))
+            here = self.layers == layer
+            sims = np.abs(h @ self.prototypes[here].T)  # (prompts, prototypes of this layer)
+            for j, owner in enumerate(self.owners[here]):
+                sums[:, owner] += sims[:, j]
+        scores = sums / np.maximum(counts, 1.0)
+        out = []
+        for row in scores:
+            best = int(np.argmax(row))
+            score = float(row[best])
+            per = {a: round(float(x), 6) for a, x in zip(ids, row, strict=True)}
+            out.append(RouteDecision(ids[best] if score >= threshold else None, score, per))
+        return out
+
+    def route(self, request: RouteRequest) -> RouteDecision:
+        return self.route_batch([request])[0]
+
+    def route_batch(self, requests: Sequence[RouteRequest]) -> list[RouteDecision]:
+        if not requests:
+            return []
+        if requests[0].embed is None:
+            raise InvalidInput("the arrow router needs the base model's hidden states")
+        return self._route([r.prompt for r in requests], requests[0].embed, float(self.state["threshold"]))
+
+    def save(self, state_dir: Path) -> None:
+        import numpy as np
+
+        with (state_dir / ARRAYS_FILE).open("wb") as f:
+            np.savez(f, prototypes=self.prototypes, layers=self.layers, owners=self.owners)
+        (state_dir / STATE_FILE).write_text(json.dumps(self.state), encoding="utf-8")
+
+    def load(self, state_dir: Path) -> None:
+        import numpy as np
+
+        state = _read_state(state_dir)
+        if state.get("format") != ARROW_FORMAT:
+            raise ValueError(f"its state has format {state.get('format')}; this router reads {ARROW_FORMAT}")
+        with np.load(state_dir / ARRAYS_FILE, allow_pickle=False) as stored:
+            self.prototypes = np.asarray(stored["prototypes"])
+            self.layers = np.asarray(stored["layers"])
+            self.owners = np.asarray(stored["owners"])
+        self.state = state
 
 
 # -- keyword ------------------------------------------------------------------------------------------------------
@@ -299,6 +591,33 @@ def register_routers(register: Any) -> None:
                     "similarity below which the base answers (0..1; default: fitted on held-out texts)",
                 ),
                 Option("centroids", int, 1, "centroids per adapter"),
+                Option(
+                    "layer",
+                    int,
+                    0,
+                    "hidden states after this many decoder layers (0: the token embeddings, -1: the last); "
+                    "the forward pass stops there",
+                ),
+                Option("centre", bool, True, "subtract the mean embedding of the domains before comparing"),
+                Option(
+                    "whiten",
+                    float,
+                    0.5,
+                    "whitening by the within-domain covariance (0: none, 1: full; shrunk towards the identity)",
+                ),
+            ],
+        )
+    )
+    register(
+        Router(
+            "arrow",
+            ArrowRouter,
+            "training-free, from the adapters' own LoRA weights: per module the top right singular vector of "
+            "its delta against the prompt's hidden state entering that layer (experimental)",
+            [
+                Option(
+                    "threshold", float, None, "score below which the base answers (0..1; default: held-out)"
+                )
             ],
         )
     )

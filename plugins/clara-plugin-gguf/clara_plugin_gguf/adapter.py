@@ -121,7 +121,7 @@ def read_adapter_tensors(adapter: AdapterRecord) -> AdapterTensors:
     if getattr(adapter, "kind", "adapter") == "merged":
         raise InvalidInput(
             f"'{adapter.id}' is a full model with the adapters merged in (composite build --merge-into-base), "
-            "not an adapter; build the composite without --merge-into-base and export that with --merged"
+            f"not an adapter with LoRA factors; 'clara export ollama {adapter.id}' exports it as one GGUF"
         )
     files = read_verified_adapter(adapter)
     config = dict(files.config)

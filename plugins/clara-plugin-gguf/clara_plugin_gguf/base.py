@@ -89,10 +89,11 @@ def gguf_architecture(base_config: Mapping[str, Any]) -> str:
     return arch
 
 
-def check_supported(base: BaseRecord) -> None:
+def check_supported(base: BaseRecord, *, tokenizer: BaseRecord | None = None) -> None:
     """Raise :class:`InvalidInput` (one line) unless ``base`` can be converted: a supported architecture (named
     with the supported ones otherwise), the activation llama.cpp's Llama/Qwen2 graphs compute (SiLU), a rotary
-    scaling clara converts, and a tokenizer (``tokenizer.json`` or ``tokenizer.model``) next to the weights."""
+    scaling clara converts, and a tokenizer (``tokenizer.json`` or ``tokenizer.model``) next to the weights (or
+    in ``tokenizer``'s folder where the tokenizer comes from another record)."""
     config = base.config or {}
     gguf_architecture({"model_type": base.model_type or config.get("model_type"), **config})
     act = config.get("hidden_act", "silu")
@@ -102,9 +103,10 @@ def check_supported(base: BaseRecord) -> None:
             f"{config.get('model_type')} (silu); it cannot be exported to GGUF"
         )
     _rope_settings(config, base.name)
-    if not (base.path / "tokenizer.json").is_file() and not (base.path / "tokenizer.model").is_file():
+    source = tokenizer or base
+    if not (source.path / "tokenizer.json").is_file() and not (source.path / "tokenizer.model").is_file():
         raise InvalidInput(
-            f"base '{base.name}' ({base.path}) has no tokenizer (tokenizer.json or tokenizer.model); a GGUF "
+            f"base '{source.name}' ({source.path}) has no tokenizer (tokenizer.json or tokenizer.model); a GGUF "
             "model carries its tokenizer: save it next to the weights (tokenizer.save_pretrained(PATH))"
         )
 
@@ -496,6 +498,7 @@ def convert_base(
     deltas: Mapping[str, torch.Tensor] | None = None,
     echo: Echo = print,
     cache_dir: Path | None = None,
+    tokenizer: BaseRecord | None = None,
 ) -> Path:
     """Write ``base`` as a GGUF model to ``dest`` and return ``dest``.
 
@@ -507,16 +510,19 @@ def convert_base(
     ``deltas`` maps HF modules (``model.layers.0.self_attn.q_proj``) to dense ``[out, in]`` weight deltas in
     Hugging Face row order; they are added to the weights before conversion (a merged export). The file is
     written under a temporary name in ``dest``'s folder and renamed at the end: on any failure or Ctrl-C nothing
-    is left at ``dest``. Progress lines (tensor count, size) go to ``echo``."""
+    is left at ``dest``. Progress lines (tensor count, size) go to ``echo``.
+
+    ``tokenizer``: the record whose tokenizer goes into the file (default ``base``'s own), for a model folder
+    without tokenizer files of its own, such as a merged model whose tokenizer is its base's."""
     from .vocab import read_vocabulary
 
     GGUFWriter = require_gguf().GGUFWriter
-    check_supported(base)
+    check_supported(base, tokenizer=tokenizer)
     if outtype not in OUTTYPES:
         raise InvalidInput(f"unknown GGUF output type '{outtype}' (choose from {', '.join(OUTTYPES)})")
     arch = gguf_architecture(base.config)
     dest = Path(dest)
-    vocabulary = read_vocabulary(base, cache_dir=cache_dir, echo=echo)
+    vocabulary = read_vocabulary(tokenizer or base, cache_dir=cache_dir, echo=echo)
     window = base.config.get("sliding_window")
     uses_window = base.config.get("model_type") == "mistral" or base.config.get("use_sliding_window")
     if window and uses_window and int(window) < int(base.config.get("max_position_embeddings", 0)):

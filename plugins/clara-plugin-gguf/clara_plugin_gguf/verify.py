@@ -19,7 +19,8 @@ agreement with the DoRA model is reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,22 +114,39 @@ class Verification:
         return details
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars off within the block (restored after, whatever they were)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def reference_logits(
     base: BaseRecord,
     adapter: AdapterRecord | None,
     prompts: Sequence[str] = PROMPTS,
     *,
     factors: Mapping[str, tuple[Any, Any]] | None = None,
+    tokenizer_path: Path | None = None,
 ) -> tuple[list[list[int]], list[Any], list[Any] | None]:
     """Token ids and float64 logits ``[positions, vocab]`` of the transformers base with the PEFT adapter (read
-    from its verified bytes), and, with ``factors`` (``{module: (A, B)}`` at scaling 1), the logits of the base
-    with those factors' deltas added instead of the adapter."""
+    from its verified bytes; ``None``: the model folder alone), and, with ``factors`` (``{module: (A, B)}`` at
+    scaling 1), the logits of the base with those factors' deltas added instead of the adapter.
+    ``tokenizer_path``: where the tokenizer is when not in ``base.path``."""
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base.path))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or base.path))
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    model = load_causal_lm(base.path, dtype=torch.float32)
+    with quiet_transformers():  # no "Loading weights" bar among the export's own lines
+        model = load_causal_lm(base.path, dtype=torch.float32)
     model.eval()
     if adapter is not None:
         model = _with_adapter(model, adapter)
@@ -246,7 +264,7 @@ def compare(
 
 def verify_export(
     base: BaseRecord,
-    adapter: AdapterRecord,
+    adapter: AdapterRecord | None,
     *,
     model_path: Path,
     lora_path: Path | None,
@@ -254,22 +272,32 @@ def verify_export(
     factors: Mapping[str, tuple[Any, Any]] | None = None,
     prompts: Sequence[str] = PROMPTS,
     echo: Callable[[str], None] = _noop,
+    reference: str | None = None,
+    tokenizer_path: Path | None = None,
 ) -> Verification:
     """Compare the export (``model_path``, plus ``lora_path`` unless merged) with the transformers base plus the
-    adapter; with ``factors`` (an SVD export) also with the model the exported factors stand for. Raises
+    adapter (``None``: the model folder ``base.path`` alone, e.g. a merged model, described by ``reference``);
+    with ``factors`` (an SVD export) also with the model the exported factors stand for. Raises
     :class:`ExportRejected` when the numbers exceed the tolerances; returns them otherwise."""
     echo(f"Verifying the export with llama.cpp against transformers on {len(prompts)} prompts ...")
-    ids, reference, approx = reference_logits(base, adapter, prompts, factors=factors)
+    ids, reference_rows, approx = reference_logits(
+        base, adapter, prompts, factors=factors, tokenizer_path=tokenizer_path
+    )
     produced = gguf_logits(model_path, lora_path, ids)
-    kind = "merged" if lora_path is None else "adapter"
-    name = f"transformers + PEFT adapter '{adapter.id}'" + (" (merged)" if kind == "merged" else "")
+    if reference is not None:
+        name = reference
+    elif adapter is None:
+        name = f"transformers model '{base.name}'"
+    else:
+        merged = " (merged)" if lora_path is None else ""
+        name = f"transformers + PEFT adapter '{adapter.id}'{merged}"
     if approx is None:
-        numbers = compare(reference, produced, outtype)
+        numbers = compare(reference_rows, produced, outtype)
         result = Verification(outtype=outtype, reference=name, prompts=len(prompts), **numbers)
     else:
-        svd_diff = compare(reference, approx, outtype)["max_abs_diff"]
+        svd_diff = compare(reference_rows, approx, outtype)["max_abs_diff"]
         conversion = compare(approx, produced, outtype)
-        numbers = compare(reference, produced, outtype, extra=svd_diff)
+        numbers = compare(reference_rows, produced, outtype, extra=svd_diff)
         # the top-1 rule holds the files to the model they stand for; against the DoRA model the SVD may move
         # a top-1 token (top1_agreement says how often it did)
         numbers["decisive"] = conversion["decisive"]

@@ -344,6 +344,7 @@ def test_the_cli_registers_a_verified_export_and_keeps_a_rejected_one_aside(
     assert [f["path"] for f in entry["files"]] == ["tiny.f32.gguf", f"{entry['name']}.lora.gguf", "Modelfile"]
     assert entry["details"]["verification"]["passed"] is True
     assert entry["details"]["adapter_checksum"] == adapter.adapter_checksum
+    assert "Compared with transformers" in result.stderr and "Loading weights" not in result.stderr
 
     monkeypatch.setitem(verify.TOLERANCES, "f16", 0.0)
     result = cli_run(ws, "export", "ollama", adapter.id, "--name", "strict")
@@ -355,8 +356,10 @@ def test_the_cli_registers_a_verified_export_and_keeps_a_rejected_one_aside(
     assert [e["name"] for e in listed] == [entry["name"]]  # the rejected one is not registered
 
 
-def test_a_merged_model_is_refused_with_the_way_to_export_it(registered, tmp_path):
-    ws = Workspace.find(Path(shutil.copytree(registered.root, tmp_path / "ws")))
+@pytest.fixture(scope="module")
+def merged_ws(registered: Workspace, tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, str]:
+    """A copy of the workspace with a merged model: 'plain' and 'rs' added into the base's weights."""
+    ws = Workspace.find(Path(shutil.copytree(registered.root, tmp_path_factory.mktemp("merged") / "ws")))
     plain, _ = records(ws, "plain")
     rs, _ = records(ws, "rs")
     result = cli_run(
@@ -364,12 +367,91 @@ def test_a_merged_model_is_refused_with_the_way_to_export_it(registered, tmp_pat
         "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    result = cli_run(ws, "export", "ollama", json.loads(result.stdout)["id"])
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "not an adapter; build the composite without --merge-into-base and export that with --merged" in (
-        result.output
+    return ws, json.loads(result.stdout)["id"]
+
+
+def test_a_merged_model_exports_as_one_gguf_that_computes_what_its_folder_computes(
+    merged_ws, tmp_path, hf_logits, gguf_logits
+):
+    ws, merged_id = merged_ws
+    with Registry.open(ws.registry_path) as registry:
+        merged = registry.get_adapter(merged_id)
+        base = registry.get_base("tiny")
+    assert merged.kind == "merged"
+    # the tokenizer comes from the registered base: the export needs none in the merged folder
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (merged.path / name).unlink(missing_ok=True)
+    cache = ws.root / "models" / "cache" / "gguf"
+    cached_before = sorted(cache.glob("*.gguf")) if cache.is_dir() else []
+    result = cli_run(ws, "export", "ollama", merged_id, "--outtype", "f32", "--json")
+    assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.stderr  # transformers' progress bars are off during verification
+    entry = json.loads(result.stdout)
+    gguf_name = f"{entry['name']}.f32.gguf"
+    assert [f["path"] for f in entry["files"]] == [gguf_name, "Modelfile"]
+    folder = Path(entry["path"])
+    modelfile = (folder / "Modelfile").read_text()
+    assert f"FROM ./{gguf_name}\n" in modelfile and "ADAPTER" not in modelfile
+    assert 'TEMPLATE """' in modelfile  # the base's chat template
+    details = entry["details"]
+    assert details["merged"] is True and details["method"] == "merged model"
+    assert details["adapter_checksum"] == merged.adapter_checksum == details["merged_model_hash"]
+    assert entry["adapter_checksum"] == merged.adapter_checksum
+    assert entry["base_model_hash"] == details["base_model_hash"] == base.base_model_hash
+    assert [c["id"] for c in details["components"]] == [
+        c["id"] for c in merged.training_config["composite"]["components"]
+    ]
+    assert details["strategy"] == "additive"
+    check = assert_verified(details, "f32")
+    assert check["reference"] == f"transformers loading the merged model '{merged_id}' (no PEFT)"
+    assert check["max_abs_diff"] < 1e-4 * check["logit_scale"]
+    # independently: llama.cpp on the export against transformers on the merged folder and on the base
+    from transformers import AutoTokenizer
+
+    ids = list(
+        AutoTokenizer.from_pretrained(str(base.path))("Der Einspruch ist innerhalb eines Monats")["input_ids"]
     )
-    assert not ws.exports_dir.exists() or not list(ws.exports_dir.iterdir())
+    exported = gguf_logits(folder / gguf_name, ids)
+    reference = hf_logits(merged.path, ids)
+    assert abs(exported - reference).max() < 1e-4 * abs(reference).max()
+    assert abs(hf_logits(base.path, ids) - reference).max() > 100 * abs(exported - reference).max()
+    # the merged model is converted into the export alone: nothing is cached, least of all under the base's hash
+    assert (sorted(cache.glob("*.gguf")) if cache.is_dir() else []) == cached_before
+    listed = json.loads(cli_run(ws, "export", "list", "--json").stdout)
+    assert [e["name"] for e in listed if e["adapter_id"] == merged_id] == [entry["name"]]
+    # --merged on a merged model is accepted and changes nothing but the default name
+    again = cli_run(ws, "export", "ollama", merged_id, "--merged", "--no-verify", "--json")
+    assert again.exit_code == 0, again.output
+    second = json.loads(again.stdout)
+    assert second["name"] == f"{merged_id}-merged-no-verify"
+    assert [f["path"] for f in second["files"]] == [f"{second['name']}.f16.gguf", "Modelfile"]
+
+
+def test_a_merged_model_has_no_lora_form_and_changed_files_are_refused(merged_ws, tmp_path):
+    from clara_plugin_gguf.adapter import convert_adapter
+
+    ws, merged_id = merged_ws
+    with Registry.open(ws.registry_path) as registry:
+        merged = registry.get_adapter(merged_id)
+        base = registry.get_base("tiny")
+    # the adapter conversion (the engine's, and the exporter's for adapters) says where the way is
+    with pytest.raises(
+        InvalidInput, match=rf"not an adapter with LoRA factors; 'clara export ollama {merged_id}'"
+    ):
+        convert_adapter(merged, base, tmp_path / "x.lora.gguf")
+    ws = Workspace.find(Path(shutil.copytree(ws.root, tmp_path / "ws")))
+    with Registry.open(ws.registry_path) as registry:
+        folder = registry.get_adapter(merged_id).path
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    result = cli_run(ws, "export", "ollama", merged_id, "--name", "changed")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"merged model '{merged_id}': the files in" in result.output
+    assert f"clara adapters verify {merged_id}" in result.output
+    assert not (ws.exports_dir / "changed").exists()
+    assert not [p for p in ws.exports_dir.glob("changed*")] if ws.exports_dir.exists() else True
+    names = [e["name"] for e in json.loads(cli_run(ws, "export", "list", "--json").stdout)]
+    assert "changed" not in names
 
 
 def test_missing_llama_cpp_python_is_one_line_with_the_install_command(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from clara_core.plugin_api import InvalidInput, RouteRequest, RouterFitRequest
 VOCAB = ["steuer", "sozial", "klage"]
 
 
-def embed(texts):
+def embed(texts, *, layer=None):
     """A vector per text: how often each domain word occurs, plus a constant all texts share."""
     return [[t.lower().count(w) + 0.1 for w in VOCAB] + [1.0] for t in texts]
 
@@ -32,9 +32,9 @@ EXAMPLES = {
 def fit(router, tmp_path: Path | None = None, **options):
     counted = []
 
-    def counting(texts):
+    def counting(texts, *, layer=None):
         counted.extend(texts)
-        return embed(texts)
+        return embed(texts, layer=layer)
 
     router.fit(
         RouterFitRequest(
@@ -105,3 +105,89 @@ def test_keyword_router_uses_patterns_and_learned_words(tmp_path: Path) -> None:
         KeywordRouter().fit(
             RouterFitRequest(adapters=adapters("steuer", "sozial"), base=BASE, options={"learn": 0})
         )
+
+
+def test_arrow_router_routes_prompts_along_the_adapters_delta_directions(tmp_path: Path) -> None:
+    """Adapters whose deltas B @ A have known top right singular vectors (one direction per domain, per layer):
+    prompts whose hidden states lie along a domain's direction go to that domain's adapter; a prompt
+    orthogonal to every direction goes to the base."""
+    import numpy as np
+    import torch
+    from clara_plugin_router import ArrowRouter, top_right_singular_vector
+    from safetensors.torch import save_file
+
+    dim, rank, layers = 16, 4, 2
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]  # orthonormal columns
+    direction = {"steuer": basis[:, 0], "sozial": basis[:, 1], "klage": basis[:, 2]}
+    records = []
+    for d, u in direction.items():
+        tensors = {}
+        for layer in range(layers):
+            for module in ("q_proj", "o_proj"):
+                # A's rows: u strongly, plus a little noise; B random: the delta's top right singular vector is
+                # close to u (o_proj gets a wrong direction: it is not read, its input is not the residual)
+                a = 3.0 * np.outer(rng.standard_normal(rank), u) + 0.05 * rng.standard_normal((rank, dim))
+                if module == "o_proj":
+                    a = 3.0 * np.outer(rng.standard_normal(rank), basis[:, 5])
+                b = rng.standard_normal((dim, rank))
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.tensor(a, dtype=torch.float32)
+                tensors[f"{prefix}.lora_B.weight"] = torch.tensor(b, dtype=torch.float32)
+                if module == "q_proj" and layer == 0 and d == "steuer":
+                    v = top_right_singular_vector(a, b)
+                    assert abs(float(v @ u)) > 0.99
+                    full = np.linalg.svd(b @ a)[2][0]  # the same vector as the full SVD of the formed delta
+                    assert abs(float(v @ full)) > 0.9999
+        folder = tmp_path / d
+        folder.mkdir()
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        records.append(
+            SimpleNamespace(id=f"{d}-lora-r4-v1", domain=[d], adapter_checksum=d, path=str(folder))
+        )
+
+    asked: list[int | None] = []
+
+    def hidden(texts, *, layer=None):
+        """Each text's hidden state: the sum of the directions of the domain words in it, plus noise."""
+        asked.append(layer)
+        out = []
+        for t in texts:
+            v = 0.1 * rng.standard_normal(dim)
+            for d, u in direction.items():
+                v = v + 2.0 * t.count(d) * u
+            if "leer" in t:
+                v = basis[:, 7] + 0.01 * rng.standard_normal(dim)
+            out.append(v.tolist())
+        return out
+
+    router = ArrowRouter()
+    router.fit(
+        RouterFitRequest(
+            adapters=records,
+            base=BASE,
+            held_out={r.id: [f"{r.domain[0]} text", f"mehr {r.domain[0]}"] for r in records},
+            embed=hidden,
+        )
+    )
+    assert len(router.prototypes) == 3 * layers  # q_proj of each layer; o_proj left out
+    assert 0 < router.state["threshold"] < 1
+    asked.clear()
+    decisions = router.route_batch(
+        [
+            RouteRequest(prompt=p, embed=hidden)
+            for p in ["die steuer", "sozial hilfe", "klage erheben", "leer"]
+        ]
+    )
+    assert [d.adapter_id for d in decisions] == [
+        "steuer-lora-r4-v1",
+        "sozial-lora-r4-v1",
+        "klage-lora-r4-v1",
+        None,
+    ]
+    assert sorted(asked) == [0, 1]  # the hidden states entering each adapted layer, one pass per layer
+    assert decisions[0].scores["steuer-lora-r4-v1"] > 0.9 > 0.2 > decisions[0].scores["sozial-lora-r4-v1"]
+    router.save(tmp_path)
+    again = ArrowRouter()
+    again.load(tmp_path)
+    assert again.route(RouteRequest(prompt="sozial", embed=hidden)).adapter_id == "sozial-lora-r4-v1"

@@ -189,17 +189,26 @@ class TransformersEngine(EngineImpl):
     #: texts are cut to this many tokens before embedding (as clara_core.routing.embed does in the CLI)
     EMBED_MAX_TOKENS = 128
 
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Mean-pooled last hidden states of the loaded base (no adapter), computed on the worker thread
-        between decoding steps: routers use the served model, never a second copy."""
+    async def embed(self, texts: Sequence[str], *, layer: int | None = None) -> list[list[float]]:
+        """Mean-pooled hidden states at ``layer`` of the loaded base (no adapter; see
+        :meth:`clara_core.types.EngineImpl.embed`), computed on the worker thread between decoding steps:
+        routers use the served model, never a second copy. Before the last layer the pass stops at ``layer``
+        (``clara_core.routing.embed.hidden_at``, as the CLI embeds)."""
+        from clara_core.plugin_api import layer_count, resolve_layer
+
+        if self.model is None:
+            raise ClaraError("the engine is not started")
+        resolve_layer(layer, layer_count(self.model))  # a layer the base lacks: one line, before any work
         ids = await asyncio.to_thread(
             lambda: [self._encode(t)[: self.EMBED_MAX_TOKENS] or [0] for t in texts]
         )
-        result: list[list[float]] = await self._call(lambda: self._embed(ids))
+        result: list[list[float]] = await self._call(lambda: self._embed(ids, layer))
         return result
 
-    def _embed(self, ids: list[list[int]], batch_size: int = 16) -> list[list[float]]:
+    def _embed(self, ids: list[list[int]], layer: int | None, batch_size: int = 16) -> list[list[float]]:
         import torch
+
+        from clara_core.plugin_api import hidden_at
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list[list[float]] = []
@@ -208,16 +217,21 @@ class TransformersEngine(EngineImpl):
             width = max(len(r) for r in rows)
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
-            output = self._forward(
-                "mixed",
-                [BASE] * len(rows),
-                input_ids=input_ids,
-                attention_mask=mask,
-                output_hidden_states=True,
-                use_cache=False,
-                **self._embed_extra,
-            )
-            hidden = output.hidden_states[-1]
+
+            def forward(
+                input_ids: Any = input_ids, mask: Any = mask, n: int = len(rows), **extra: Any
+            ) -> Any:
+                return self._forward(
+                    "mixed",
+                    [BASE] * n,
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    use_cache=False,
+                    **self._embed_extra,
+                    **extra,
+                )
+
+            hidden = hidden_at(self.model, layer, forward)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
             out.extend(pooled.float().cpu().tolist())
