@@ -148,7 +148,12 @@ def switching(base: Any, records: list[Any], cache: Path, threads: int, rounds: 
     for _ in range(3):
         started = time.perf_counter()
         llm = llama_cpp.Llama(
-            measured["model_file"], lora_path=str(other), n_ctx=512, n_threads=threads, verbose=False
+            measured["model_file"],
+            lora_path=str(other),
+            n_ctx=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
         )
         loaded = time.perf_counter()
         tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
@@ -197,7 +202,12 @@ def throughput(
     url = f"http://127.0.0.1:{port}"
     proc = run_server(workspace, port, threads)
     plain = llama_cpp.Llama(
-        str(base_file), lora_path=str(adapter_file), n_ctx=512, n_threads=threads, verbose=False
+        str(base_file),
+        lora_path=str(adapter_file),
+        n_ctx=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
     body = {"prompt": PROMPT, "adapter_id": adapter.id, "max_tokens": out_tokens, "ignore_eos": True}
 

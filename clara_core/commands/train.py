@@ -212,7 +212,7 @@ def train(ctx: click.Context, **values: Any) -> None:
 def create_demo(directory: Path) -> None:
     """Build the small demo base model into DIRECTORY, offline (Llama architecture, local tokenizer).
 
-    Its random weights are warmed up briefly on the demo's German texts (seeded, about half a minute on a CPU);
+    Its random weights are warmed up briefly on the demo's German texts (seeded, seconds on an idle CPU);
     it exists so that clara can be tried on a machine with no model and no network.
     """
     from ..demo import build_demo_base
