@@ -552,3 +552,25 @@ def test_module_scaling_follows_peft_for_patterns_rslora_and_an_explicit_zero_al
     config = {"lora_alpha": 8, "alpha_pattern": {"v_proj": 32}}
     assert module_scaling(config, "model.layers.3.self_attn.v_proj", 8) == 4.0
     assert module_scaling(config, "model.layers.3.self_attn.q_proj", 8) == 1.0
+
+
+def test_the_randomized_svd_is_as_good_as_the_full_one_and_does_not_depend_on_the_random_state() -> None:
+    import torch
+
+    from clara_core.composites.tensors import _relative_error, _svd_factors
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(160, 96, generator=generator, dtype=torch.float64)
+    low = torch.randn(160, 12, generator=generator, dtype=torch.float64) @ torch.randn(
+        12, 96, generator=generator, dtype=torch.float64
+    )
+    rows = 1 + 0.1 * torch.rand(160, 1, generator=generator, dtype=torch.float64)
+    delta = rows * (weight + low) - weight  # a DoRA-like delta: low rank plus a full-rank row rescaling
+    s = torch.linalg.svdvals(delta)
+    optimal = float(s[12:].norm() / s.norm())
+    torch.manual_seed(1)
+    a1, b1 = _svd_factors(delta, 12)
+    torch.manual_seed(2)
+    a2, b2 = _svd_factors(delta, 12)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert _relative_error(delta, a1, b1) == pytest.approx(optimal, rel=1e-4)
