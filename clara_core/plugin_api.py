@@ -85,6 +85,7 @@ from .types import (
     RouterImpl,
     TrainerMethod,
     TrainerMethodImpl,
+    check_prompt_fits,
 )
 from .workspace import Workspace
 
@@ -172,6 +173,7 @@ __all__ = [
     "adapter_checksum",
     "base_model_hash",
     "check_adapter_for_base",
+    "check_prompt_fits",
     "find_registry_path",
     "first_line",
     "hidden_at",

@@ -694,6 +694,21 @@ class EngineImpl(abc.ABC):
         """Release the model and any background workers."""
 
 
+def check_prompt_fits(prompt_ids: Sequence[int], request: GenerationRequest, limit: int | None) -> None:
+    """What every engine checks of a tokenised prompt before generating: that it is not empty, and that it and
+    ``request.max_tokens`` fit the model's context of ``limit`` tokens (``None``: no limit known). Raises
+    :class:`clara_core.errors.InvalidInput` (HTTP 400) with one line."""
+    from .errors import InvalidInput
+
+    if not prompt_ids:
+        raise InvalidInput("the prompt is empty; send some text to complete")
+    if limit is not None and len(prompt_ids) + request.max_tokens > limit:
+        raise InvalidInput(
+            f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
+            f"model's context of {limit} tokens"
+        )
+
+
 def engine_can_embed(engine: EngineImpl) -> bool:
     """Whether ``engine`` implements :meth:`EngineImpl.embed`."""
     return type(engine).embed is not EngineImpl.embed

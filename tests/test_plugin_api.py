@@ -707,3 +707,22 @@ def test_the_contributing_example_plugin_imports_only_the_plugin_api():
     assert Requirement(pin).name == "clara-core" and Requirement(pin).specifier.contains(
         clara_core.__version__
     )
+
+
+def test_check_prompt_fits_is_the_one_prompt_check_of_every_engine() -> None:
+    from clara_core.plugin_api import GenerationRequest, InvalidInput, check_prompt_fits
+
+    request = GenerationRequest(prompt="x", max_tokens=8)
+    check_prompt_fits([1, 2], request, 10)
+    check_prompt_fits([1] * 100, request, None)
+    with pytest.raises(InvalidInput, match="^the prompt is empty; send some text to complete$"):
+        check_prompt_fits([], request, 10)
+    with pytest.raises(InvalidInput) as caught:
+        check_prompt_fits([1, 2, 3], request, 10)
+    assert (
+        str(caught.value) == "prompt (3 tokens) plus max_tokens (8) exceeds the model's context of 10 tokens"
+    )
+    for plugin in ("clara-plugin-transformers", "clara-plugin-gguf", "clara-plugin-vllm"):
+        source = next((ROOT / "plugins" / plugin).glob("clara_plugin_*/engine.py")).read_text()
+        assert "check_prompt_fits(prompt_ids, request, self.capabilities.max_model_len)" in source
+        assert "exceeds the" not in source  # no engine keeps its own copy of the check

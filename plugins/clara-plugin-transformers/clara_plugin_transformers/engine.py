@@ -30,6 +30,7 @@ from clara_core.plugin_api import (
     GenerationChunk,
     GenerationRequest,
     InvalidInput,
+    check_prompt_fits,
     read_verified_adapter,
 )
 
@@ -408,14 +409,7 @@ class TransformersEngine(EngineImpl):
             raise ClaraError(f"adapter '{request.adapter_id}' is not loaded")
         # a long prompt takes a while to tokenise: never on the event loop, which serves everyone else
         prompt_ids = await asyncio.to_thread(self._encode, request.prompt, request.add_special_tokens)
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty")
-        limit = self.capabilities.max_model_len
-        if limit is not None and len(prompt_ids) + request.max_tokens > limit:
-            raise InvalidInput(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                f"model's context of {limit} tokens"
-            )
+        check_prompt_fits(prompt_ids, request, self.capabilities.max_model_len)
         queue: asyncio.Queue = asyncio.Queue()
         seq = _Sequence(request, prompt_ids, asyncio.get_running_loop(), queue)
         with self._cond:

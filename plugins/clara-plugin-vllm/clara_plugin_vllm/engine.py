@@ -44,6 +44,7 @@ from clara_core.plugin_api import (
     GenerationRequest,
     InvalidInput,
     NotFound,
+    check_prompt_fits,
     first_line,
 )
 
@@ -265,14 +266,7 @@ class VllmEngine(EngineImpl):
         llm = self._require_started()
         lora_request = self.lora_request_for(request.adapter_id)
         prompt_ids = self._encode(request.prompt, request.add_special_tokens)
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty; send some text to complete")
-        limit = self.capabilities.max_model_len
-        if limit is not None and len(prompt_ids) + request.max_tokens > limit:
-            raise InvalidInput(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
-                f"model's context of {limit} tokens"
-            )
+        check_prompt_fits(prompt_ids, request, self.capabilities.max_model_len)
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         try:
