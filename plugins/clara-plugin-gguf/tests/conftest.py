@@ -149,3 +149,39 @@ def gguf_logits() -> Callable[..., Any]:
             llm.close()
 
     return logits
+
+
+#: Every linear projection of a Llama layer (adapters made by ``make_adapter`` target these by default).
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _make_adapter(
+    base_dir: Path, out_dir: Path, *, seed: int, rank: int = 4, scale: float = 0.1, **lora
+) -> Path:
+    """A PEFT adapter with random non-zero factors (and, for DoRA, a perturbed magnitude)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora.setdefault("target_modules", ALL_PROJECTIONS)
+    config = LoraConfig(r=rank, lora_alpha=lora.pop("lora_alpha", 2 * rank), task_type="CAUSAL_LM", **lora)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.05 * torch.rand(param.shape, generator=generator))
+            elif "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def make_adapter() -> Callable[..., Path]:
+    """``make_adapter(base_dir, out_dir, *, seed, rank=4, scale=0.1, **lora) -> out_dir``: a PEFT adapter with random
+    non-zero factors (DoRA: a perturbed magnitude; modules_to_save: perturbed copies)."""
+    return _make_adapter

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,33 +23,6 @@ from clara_core.plugin_api import Conflict, InvalidInput
 from clara_core.plugins import PluginManager
 from clara_core.registry import Registry
 from clara_core.workspace import Workspace
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(
-    base_dir: Path, out_dir: Path, *, seed: int, rank: int = 4, scale: float = 0.1, **lora
-) -> Path:
-    """A PEFT adapter with random non-zero factors (and, for DoRA, a perturbed magnitude)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora.setdefault("target_modules", ALL)
-    config = LoraConfig(r=rank, lora_alpha=lora.pop("lora_alpha", 2 * rank), task_type="CAUSAL_LM", **lora)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.05 * torch.rand(param.shape, generator=generator))
-            elif "modules_to_save" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.01)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
 
 
 def cli_run(ws: Workspace, *args: str):
@@ -84,7 +58,9 @@ def base_dir(tiny_llama_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registered(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict[str, Path]]:
+def registered(
+    base_dir: Path, tmp_path_factory: pytest.TempPathFactory, make_adapter: Callable[..., Path]
+) -> tuple[Workspace, dict[str, Path]]:
     """A workspace with the tiny base and one adapter of each kind in :data:`ADAPTERS` (domain = the key)."""
     root = tmp_path_factory.mktemp("gguf-adapter-ws")
     ws, _ = Workspace.init(root / "ws")

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,6 @@ from clara_core.plugins import PluginManager
 from clara_core.registry import Registry
 from clara_core.workspace import Workspace
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
     "plain": {"seed": 11, "rank": 4},
     "rs": {
@@ -44,28 +44,6 @@ ADAPTERS = {
     "dora": {"seed": 13, "rank": 4, "use_dora": True, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     "head": {"seed": 14, "rank": 4, "target_modules": ["q_proj", "lm_head"]},
 }
-
-
-def make_adapter(
-    base_dir: Path, out_dir: Path, *, seed: int, rank: int = 4, scale: float = 0.1, **lora
-) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora.setdefault("target_modules", ALL)
-    config = LoraConfig(r=rank, lora_alpha=lora.pop("lora_alpha", 2 * rank), task_type="CAUSAL_LM", **lora)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.05 * torch.rand(param.shape, generator=generator))
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
 
 
 def plugins() -> PluginManager:
@@ -83,7 +61,9 @@ def cli_run(ws: Workspace, *args: str):
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Workspace:
+def registered(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, make_adapter: Callable[..., Path]
+) -> Workspace:
     root = tmp_path_factory.mktemp("gguf-export")
     base_dir = tiny_llama_dir
     ws, _ = Workspace.init(root / "ws")
@@ -287,7 +267,9 @@ def test_registration_declares_the_options_with_tolerances_in_help():
 
 
 @pytest.fixture(scope="module")
-def qwen2_registered(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Workspace:
+def qwen2_registered(
+    tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path, make_adapter: Callable[..., Path]
+) -> Workspace:
     """Qwen2 (biases, tied embeddings, no rotary row reorder) with a LoRA, and a LoRA of its embedding (which
     the base's lm_head shares; clara refuses to register a LoRA of a tied lm_head, which has no weight)."""
     root = tmp_path_factory.mktemp("gguf-export-qwen2")
