@@ -734,7 +734,7 @@ class Registry:
     def add_export(self, entry: Mapping[str, Any]) -> None:
         """Record a finished export (see migration ``m003_exports``); its name must be new."""
         with self.transaction():
-            if list(self.db["exports"].rows_where("name = ?", [entry["name"]])):
+            if self.get_export(entry["name"]) is not None:
                 raise Conflict(
                     f"an export named '{entry['name']}' is registered already; choose another --name "
                     "(clara export list shows them)"
@@ -751,14 +751,18 @@ class Registry:
     def list_exports(self, adapter_id: str | None = None) -> list[dict[str, Any]]:
         """Registered exports, oldest first, JSON columns decoded, ``path`` as stored."""
         where, args = ("adapter_id = ?", [adapter_id]) if adapter_id else (None, [])
+        return self._exports(where, args)
+
+    def get_export(self, name: str) -> dict[str, Any] | None:
+        found = self._exports("name = ?", [name])
+        return found[0] if found else None
+
+    def _exports(self, where: str | None, args: list[Any]) -> list[dict[str, Any]]:
         rows = self.db["exports"].rows_where(where, args, order_by="created, name")
         return [
             {**r, **{k: _loads(r[k], [] if k == "files" else {}) for k in ("files", "options", "details")}}
             for r in rows
         ]
-
-    def get_export(self, name: str) -> dict[str, Any] | None:
-        return next((e for e in self.list_exports() if e["name"] == name), None)
 
     def add_metrics(
         self,

@@ -393,8 +393,8 @@ def hf_token_ids(tokenizer: Any, texts: Iterable[str]) -> list[list[int]]:
 
 
 def write_vocab_only(path: Path, vocabulary: Vocabulary) -> Path:
-    """A GGUF with ``vocabulary`` and no weights (placeholder Llama hyper-parameters), for checking the
-    tokenizer in llama.cpp."""
+    """A vocabulary-only GGUF for checking the tokenizer in llama.cpp: ``vocabulary`` and no weights, with the
+    smallest Llama hyper-parameters llama.cpp needs to open such a file (it reads them, never uses them)."""
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), "llama")
