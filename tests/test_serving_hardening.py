@@ -44,6 +44,7 @@ class ProbeEngine(EngineImpl):
     capabilities = EngineCapabilities(mixed_adapter_batching=True, max_model_len=CONTEXT)
 
     def __init__(self, base: Any, options: Any) -> None:
+        self.base_path = base.path
         self.loaded: list[str] = []
         self.loads: list[tuple[str, str | None]] = []
         self.counted: list[int] = []
@@ -62,6 +63,14 @@ class ProbeEngine(EngineImpl):
 
     def loaded_adapters(self) -> list[str]:
         return list(self.loaded)
+
+    def health(self) -> dict[str, Any]:
+        """Details like the llamacpp engine's: file paths, some nested, beside plain numbers."""
+        return {
+            "model_file": str(self.base_path / "model.gguf"),
+            "adapter_files": {"a": ["/tmp/clara-cache/a.gguf", 3]},
+            "loads": len(self.loads),
+        }
 
     def count_tokens(self, text: str) -> int:
         self.counted.append(len(text))
@@ -529,6 +538,19 @@ def test_error_bodies_name_ids_not_server_paths(
             assert str(workspace_with_base.root) not in text and str(folder) not in text, text
             assert "/tmp" not in text and str(Path.home()) not in text, text
     assert any(str(folder) in record.getMessage() for record in caplog.records)  # the log keeps them
+
+
+def test_health_needs_no_key_and_shows_no_server_paths(
+    start: Callable, workspace_with_base: Workspace
+) -> None:
+    server = start()
+    with httpx.Client(base_url=server.url, timeout=30) as c:  # no API key: /health is open
+        response = c.get("/health")
+    assert response.status_code == 200
+    details = response.json()["engine_details"]
+    assert details["model_file"] == "<base tiny>/model.gguf"
+    assert details["adapter_files"] == {"a": ["<server path>", 3]} and details["loads"] == 0
+    assert str(workspace_with_base.root) not in response.text and "/tmp" not in response.text
 
 
 def test_redaction_keeps_routes_and_hides_paths() -> None:

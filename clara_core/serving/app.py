@@ -265,7 +265,8 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
             },
             "router": state.settings.router_name,
             "capabilities": attrs.asdict(caps),
-            "engine_details": state.engine.health(),
+            # /health needs no API key: an engine's details (its model file, converted adapters) name ids
+            "engine_details": _public(state, state.engine.health()),
             "uptime_seconds": round(time.time() - state.started_at, 1),
         }
 
@@ -373,3 +374,14 @@ def create_app(state: ServerState, *, manage_engine: bool = True) -> FastAPI:
         read_timeout=state.settings.read_timeout,
     )
     return app
+
+
+def _public(state: ServerState, value: Any) -> Any:
+    """``value`` (an engine's health details) with every string as a client may read it: no server paths."""
+    if isinstance(value, str):
+        return state.public(value)
+    if isinstance(value, dict):
+        return {_public(state, k): _public(state, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_public(state, v) for v in value]
+    return value
