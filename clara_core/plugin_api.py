@@ -21,8 +21,9 @@ What is here:
   :func:`first_line` to quote a library's exception in one;
 - helpers trainer methods build on (:func:`load_causal_lm`, :func:`lora_config`, ...) and file helpers that
   never leave a half-written file (:func:`write_text_atomic`, :func:`write_json_atomic`);
-- the LoRA tensor helpers composites use, for exporters that convert adapters (:func:`lora_scaling`,
-  :func:`load_base_weights`, :func:`svd_lora_factors`, :func:`lora_relative_error`);
+- the LoRA tensor helpers composites use, for exporters that convert adapters and engines that apply them
+  (:func:`lora_factors`, :func:`lora_scaling`, :func:`load_base_weights`, :func:`svd_lora_factors`,
+  :func:`lora_relative_error`);
 - for engines that implement :meth:`EngineImpl.embed`: :func:`hidden_at` (a layer's hidden states, the forward
   pass stopped there, exactly as the CLI embeds), :func:`layer_count` and :func:`resolve_layer`.
 
@@ -97,6 +98,17 @@ def lora_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:
     from .composites.tensors import module_scaling
 
     return module_scaling(config, module, rank)
+
+
+def lora_factors(adapter_id: str, config: Mapping[str, Any], weights: bytes) -> Any:
+    """An adapter's tensors by module name in the base (``model.layers.0.self_attn.q_proj``), read from its
+    verified bytes: an object with dicts ``lora_A`` (``[r, in]``), ``lora_B`` (``[out, r]``), ``magnitude``
+    (DoRA's magnitude vectors; empty for plain LoRA) and ``scaling`` (PEFT's alpha/r per module, patterns and
+    rsLoRA applied). :class:`InvalidInput` for anything else in the file (embedding LoRA, trained copies of whole
+    modules, ``lora_bias``, ``fan_in_fan_out``) or a non-LoRA adapter."""
+    from .composites.tensors import parse_component
+
+    return parse_component(adapter_id, dict(config), weights)
 
 
 def load_base_weights(base_path: Path, modules: Iterable[str]) -> dict[str, Any]:
@@ -183,6 +195,7 @@ __all__ = [
     "load_base_weights",
     "load_causal_lm",
     "lora_config",
+    "lora_factors",
     "lora_relative_error",
     "lora_scaling",
     "read_adapter_config",

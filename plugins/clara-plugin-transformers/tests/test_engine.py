@@ -46,7 +46,33 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["dora"] = random_lora_adapter(base, root / "dora", seed=20, use_dora=True)
     made["attn_only"] = random_lora_adapter(base, root / "attn", seed=30, target_modules=["q_proj", "v_proj"])
     made["with_head"] = adapter_with_modules_to_save(base, root / "head")
+    made["patterns"] = adapter_with_patterns(base, root / "patterns")
     return made
+
+
+def adapter_with_patterns(base: Path, out: Path) -> Path:
+    """A plain LoRA adapter with rsLoRA and per-module rank and alpha (what composites of mixed ranks write)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(50)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 def adapter_with_modules_to_save(base: Path, out: Path) -> Path:
@@ -233,7 +259,8 @@ def test_adapters_loaded_from_bytes_match_peft_loading_the_folder(models: dict[s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    names = ("lora0", "dora", "with_head")
+    # plain LoRA (applied without PEFT) before and after PEFT wrapped the base's layers for the DoRA adapter
+    names = ("lora0", "dora", "with_head", "attn_only", "patterns")
 
     async def served() -> dict[str, str]:
         engine = make_engine(models)
@@ -256,6 +283,61 @@ def test_adapters_loaded_from_bytes_match_peft_loading_the_folder(models: dict[s
             generated = peft_model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         expected = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         assert texts[name] == expected, name
+
+
+def test_plain_lora_adapters_load_without_peft_and_unload_completely(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Plain LoRA adapters are applied from their factors (no PEFT modules injected: a load is reading
+    tensors); after unloading every one the base answers exactly as before any was loaded. An adapter whose
+    factors do not fit the base is refused in one line and the engine serves on."""
+    import json
+    import shutil
+
+    async def main() -> None:
+        engine = make_engine(models)
+        await engine.start()
+        before, _ = await run(engine, PROMPTS[0], None, max_tokens=10, ignore_eos=True)
+        for name in ("lora0", "lora1", "attn_only", "patterns"):
+            await engine.load_adapter(Adapter(name, models[name]))
+        assert engine.peft is None  # nothing went through PEFT
+        assert engine.adapter_loads == 4 and engine.health()["own_group_adapters"] == []
+        with_lora, _ = await run(engine, PROMPTS[0], "lora0", max_tokens=10, ignore_eos=True)
+        assert with_lora != before
+        for name in ("lora0", "lora1", "attn_only", "patterns"):
+            await engine.unload_adapter(name)
+        assert engine.loaded_adapters() == [] and engine._direct == {} and engine._direct_hooks == {}
+        after, _ = await run(engine, PROMPTS[0], None, max_tokens=10, ignore_eos=True)
+        assert after == before
+
+        # factors of another shape (the config claims rank 4, the tensors are cut to rank 2 in B only)
+        from safetensors.torch import load_file, save_file
+
+        bad = tmp_path / "bad"
+        shutil.copytree(models["lora0"], bad)
+        tensors = load_file(bad / "adapter_model.safetensors")
+        key = next(k for k in sorted(tensors) if k.endswith("q_proj.lora_B.weight"))
+        tensors[key] = tensors[key][:, :2].contiguous()
+        save_file(tensors, bad / "adapter_model.safetensors")
+        with pytest.raises(ClaraError, match=r"does not fit the base: '.*q_proj' is \d+x\d+"):
+            await engine.load_adapter(Adapter("bad", bad))
+        foreign = tmp_path / "foreign"
+        shutil.copytree(models["lora0"], foreign)
+        tensors = load_file(foreign / "adapter_model.safetensors")
+        extra = "base_model.model.model.layers.99.self_attn.q_proj"
+        tensors[f"{extra}.lora_A.weight"] = tensors[key.replace("lora_B", "lora_A")].clone()
+        tensors[f"{extra}.lora_B.weight"] = tensors[key].clone()
+        save_file(tensors, foreign / "adapter_model.safetensors")
+        with pytest.raises(ClaraError, match="which the base lacks"):
+            await engine.load_adapter(Adapter("foreign", foreign))
+        assert engine.loaded_adapters() == [] and engine._direct == {}
+        config = json.loads((models["lora0"] / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA"
+        text, _ = await run_loaded(engine, "lora0", models["lora0"])
+        assert text  # the engine serves on
+        await engine.shutdown()
+
+    asyncio.run(main())
 
 
 async def run_loaded(engine: Any, name: str, path: Path) -> tuple[str, Any]:
