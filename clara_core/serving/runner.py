@@ -161,7 +161,7 @@ def prepare(
                 f"clara: engine '{registration.name}' cannot embed; the router loads base '{base.name}' once more"
             )
         router_embed = local_embedder(base)
-    return ServerState(
+    state = ServerState(
         engine,
         base,
         lookup,
@@ -171,6 +171,9 @@ def prepare(
         observers=observers,
         router_embed=router_embed,
     )
+    # clients see '<workspace>/models/cache/...' (an engine's converted files in /health), never the real root
+    state.hide_path(workspace.root, "<workspace>")
+    return state
 
 
 def bind(host: str, port: int) -> socket.socket:
