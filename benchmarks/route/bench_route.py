@@ -6,7 +6,7 @@ Two splits, both fitted on training sections only:
 - unseen laws: one law per domain left out of the fit entirely (UStG, SGB I, VwVG + VwZG), evaluated on all of
   its sections (a router that memorised law names fails here).
 
-Usage: python benchmarks/route/bench_route.py [--quick] [--json results.json] [--plots DIR]
+Usage: python benchmarks/route/bench_route.py [--quick] [--base DIR] [--json results.json] [--plots DIR]
 """
 
 from __future__ import annotations
@@ -111,6 +111,12 @@ def trained_adapter(base: Any, data: Path, domain: str, clara: Any, ws: Path, *,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny base, small samples (a smoke run)")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="a local base folder (a pretrained causal LM in transformers format, with its tokenizer) to route "
+        "with instead of the randomly initialised one this script builds",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plots", type=Path, help="write the confusion matrices (PNG) into this folder")
     parser.add_argument("--sample", type=int, default=400, help="training texts per adapter")
@@ -146,7 +152,13 @@ def main() -> None:
             "num_kv_heads": 4,
         }
     )
-    base = build_llama(tmp / "base", texts=corpus, seed=0, **size)
+    if args.base is not None:
+        if not (args.base / "config.json").is_file():
+            raise SystemExit(f"--base {args.base}: no config.json there; give a transformers model folder")
+        base = args.base.resolve()
+        size = {"path": str(base)}
+    else:
+        base = build_llama(tmp / "base", texts=corpus, seed=0, **size)
     ws, _ = Workspace.init(tmp / "ws")
     with Registry.open(ws.registry_path) as registry:
         base_record = registry.add_base(base, name="base", workspace=ws)
