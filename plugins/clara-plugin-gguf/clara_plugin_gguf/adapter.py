@@ -212,10 +212,11 @@ class AdapterConversion:
 
 
 def export_factors(
-    tensors: AdapterTensors, base: BaseRecord, echo: Callable[[str], None]
+    tensors: AdapterTensors, base: BaseRecord, echo: Callable[[str], None], *, svd_rank: int = 0
 ) -> dict[str, ModuleFactors]:
     """Per module, LoRA factors at scaling 1 whose product is the module's delta: PEFT's own (``B`` times the
-    module's scaling) where the adapter is plain LoRA, the truncated SVD of the exact delta for DoRA modules."""
+    module's scaling) where the adapter is plain LoRA, the truncated SVD of the exact delta for DoRA modules, at
+    ``svd_rank`` (0: the module's own rank; never above what the module's shape allows, where it is exact)."""
     import torch
 
     dora = sorted(m for m in tensors.modules if m in tensors.magnitude)
@@ -228,20 +229,20 @@ def export_factors(
             factors[module] = ModuleFactors(A, B, "exact")
             continue
         delta = tensors.dense(module, weights[module])
-        A, B = svd_lora_factors(delta, tensors.rank(module))
+        A, B = svd_lora_factors(delta, min(svd_rank or tensors.rank(module), *delta.shape))
         error = lora_relative_error(delta, A, B)
         factors[module] = ModuleFactors(A.to(torch.float64), B.to(torch.float64), "svd", error)
     if dora:
         worst = max(dora, key=lambda m: factors[m].error)
         echo(
-            f"DoRA: {len(dora)} module(s) exported as the truncated SVD of their exact delta at the adapter's "
-            f"rank; relative error mean {sum(factors[m].error for m in dora) / len(dora):.2e}, "
+            f"DoRA: {len(dora)} module(s) exported as the truncated SVD of their exact delta at "
+            f"{f'rank {svd_rank}' if svd_rank else 'the adapter' + chr(39) + 's rank'}; relative error mean {sum(factors[m].error for m in dora) / len(dora):.2e}, "
             f"max {factors[worst].error:.2e} ({worst})"
         )
         if factors[worst].error > SVD_WARN_ERROR:
             echo(
                 f"The SVD drops {factors[worst].error:.0%} of a DoRA delta at this rank; export with --merged for "
-                "the exact model"
+                "the exact model, or with a higher --svd-rank"
             )
     return factors
 
@@ -252,6 +253,7 @@ def convert_adapter(
     dest: Path,
     *,
     echo: Callable[[str], None] = _noop,
+    svd_rank: int = 0,
 ) -> AdapterConversion:
     """Write ``adapter`` (a registered LoRA, DoRA or composite for ``base``) as a GGUF LoRA adapter to ``dest``
     (atomically: a temporary name beside it, then a rename). The tensors are float32 whatever the base's output
@@ -268,7 +270,7 @@ def convert_adapter(
             "export it merged into the base instead (add --merged)"
         )
     architecture = gguf_base.gguf_architecture({"model_type": base.model_type, **(base.config or {})})
-    factors = export_factors(tensors, base, echo)
+    factors = export_factors(tensors, base, echo, svd_rank=svd_rank)
     configured = float(tensors.config.get("lora_alpha") or 0.0)
     alpha = configured if configured > 0 and math.isfinite(configured) else 0.0
     # the file stores alpha as float32 and llama.cpp computes with that value: fold against the same number

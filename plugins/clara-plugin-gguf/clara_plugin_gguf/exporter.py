@@ -63,6 +63,14 @@ def exporter_options() -> tuple[Option, ...]:
             "Load the export with llama-cpp-python and compare its logits with transformers + the adapter; "
             "a failed check keeps the folder aside as NAME.rejected-<time> (--no-verify skips it).",
         ),
+        Option(
+            "svd_rank",
+            int,
+            0,
+            "Rank of the truncated SVD a DoRA adapter's modules become (DoRA has no exact LoRA form); 0 takes "
+            "the adapter's own rank. A higher rank lowers the recorded error and grows the file; --merged is "
+            "exact. Plain LoRA adapters are exported exactly whatever this says.",
+        ),
         Option("create", bool, False, "Run 'ollama create NAME -f Modelfile' when ollama is on PATH."),
     )
 
@@ -90,6 +98,10 @@ class OllamaExporter(ExporterImpl):
         adapter, base, echo = request.adapter, request.base, request.echo
         options = _options(request.options)
         outtype, merged = options["outtype"], options["merged"]
+        if options["svd_rank"] < 0:
+            raise InvalidInput(
+                f"--svd-rank {options['svd_rank']}: give a positive rank, or 0 for the adapter's own rank"
+            )
         name = request.name or adapter.id
         out = Path(request.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -132,10 +144,11 @@ class OllamaExporter(ExporterImpl):
         else:
             # the adapter first: its refusals (lm_head, modules_to_save, ...) come before any base conversion
             lora_file = out / f"{name}.lora.gguf"
-            conversion = convert_adapter(adapter, base, lora_file, echo=echo)
+            conversion = convert_adapter(adapter, base, lora_file, echo=echo, svd_rank=options["svd_rank"])
             details["method"] = conversion.method
             details["lora_alpha"] = conversion.alpha
             if conversion.errors:
+                details["svd_rank"] = options["svd_rank"] or "the adapter's"
                 details["svd_errors"] = conversion.errors
                 details["svd_max_error"] = conversion.max_error
             model_file = out / f"{base.name}.{outtype}.gguf"

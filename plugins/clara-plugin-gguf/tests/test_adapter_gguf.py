@@ -225,6 +225,16 @@ def test_dora_is_an_svd_within_its_recorded_error(registered, base_dir, tmp_path
         assert measured == pytest.approx(error, rel=1e-3, abs=1e-6), module
         assert np.linalg.matrix_rank(got[name]) <= 4  # the adapter's rank
 
+    # --svd-rank: a higher rank keeps more of every delta; at the module's full rank the SVD is the delta
+    lines.clear()
+    higher = convert_adapter(adapter, base, tmp_path / "dora8.gguf", echo=lines.append, svd_rank=8)
+    assert any("at rank 8;" in line for line in lines), lines
+    assert all(higher.errors[m] < conversion.errors[m] for m in conversion.errors)
+    got8 = llama_cpp_deltas(higher.path, base.config)
+    assert all(np.linalg.matrix_rank(got8[name]) <= 8 for name in got8)
+    full = convert_adapter(adapter, base, tmp_path / "dora-full.gguf", svd_rank=100_000)
+    assert full.max_error < 1e-5
+
 
 @pytest.mark.parametrize(
     ("domain", "said"),

@@ -180,6 +180,20 @@ def test_dora_export_is_within_its_recorded_error_and_exact_when_merged(register
     merged = export(registered, adapter, base, tmp_path / "merged", merged=True)
     exact = assert_verified(merged.details, "f16")
     assert exact["svd_logit_diff"] is None and exact["max_abs_diff"] < check["svd_logit_diff"]
+    # a higher SVD rank: verified, recorded, closer to the DoRA model
+    higher = export(registered, adapter, base, tmp_path / "svd8", svd_rank=8)
+    assert higher.details["svd_rank"] == 8 and details["svd_rank"] == "the adapter's"
+    assert higher.details["svd_max_error"] < details["svd_max_error"]
+    assert assert_verified(higher.details, "f16")["svd_logit_diff"] < check["svd_logit_diff"]
+
+
+def test_svd_rank_is_an_option_of_the_command_and_a_negative_one_is_one_line(registered):
+    adapter, _ = records(registered, "dora")
+    assert "--svd-rank" in cli_run(registered, "export", "ollama", "--help").output
+    result = cli_run(registered, "export", "ollama", adapter.id, "--svd-rank", "-1", "--no-verify")
+    assert result.exit_code != 0
+    assert "--svd-rank -1: give a positive rank" in result.output and "Traceback" not in result.output
+    assert not (registered.root / "models" / "exports" / adapter.id).exists()
 
 
 def test_lm_head_adapter_is_refused_before_any_conversion_and_exports_merged(
@@ -252,7 +266,8 @@ def test_registration_declares_the_options_with_tolerances_in_help():
 
     exporter = plugins().exporter("ollama")
     options = {o.name: o for o in exporter.options}
-    assert set(options) == {"merged", "outtype", "verify", "create"}
+    assert set(options) == {"merged", "outtype", "verify", "svd_rank", "create"}
+    assert options["svd_rank"].default == 0 and options["svd_rank"].type is int
     assert options["outtype"].default == "f16" and options["outtype"].choices == (
         "f32",
         "f16",
