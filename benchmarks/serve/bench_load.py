@@ -3,7 +3,8 @@ adapters applied from their factors (the engine's path now) against loading them
 before, still used for DoRA and other adapters PEFT has to compute).
 
 The worker loads between two decoding steps, so every running request waits for this time; the file read and
-checksum happen before, off the worker, and are the same for both paths (not measured here). For each base
+checksum happen before, off the worker, for both paths, and so does parsing the factors for the direct path
+(PEFT's path parses its state dict on the worker): not measured here. For each base
 size: 16 rank-8 LoRA adapters on every linear projection, loaded into 4 slots round robin (load one, unload
 the oldest), as ``--max-loaded 4`` does under load; median and p95 of load plus unload, after a warm-up round.
 Both paths answer the same prompt with the same greedy tokens (checked).
@@ -49,17 +50,19 @@ def measure(base: Path, files: list[Any], *, peft: bool, rounds: int) -> dict[st
 
     engine = TransformersEngine(SimpleNamespace(path=base, name="b"), EngineOptions(extra={"device": "cpu"}))
     if peft:
-        engine._load_direct = lambda *args: False  # the engine as it was: every adapter through PEFT
+        engine._direct_factors = lambda *args: None  # the engine as it was: every adapter through PEFT
     times: list[float] = []
     loaded: list[str] = []
     went_through_peft: list[bool] = []
 
     def swap(step: int) -> None:  # on the engine's worker thread, as a load between two decoding steps
         name = f"a{step % ADAPTERS}"
+        # what load_adapter prepares off the worker (parsing and copying the factors; None for PEFT's path)
+        factors = engine._direct_factors(name, files[step % ADAPTERS])
         start = time.perf_counter()
         if len(loaded) == SLOTS:
             engine._unload_adapter(loaded.pop(0))
-        engine._load_adapter(name, files[step % ADAPTERS])
+        engine._load_adapter(name, files[step % ADAPTERS], factors)
         elapsed = time.perf_counter() - start
         loaded.append(name)
         if step >= ADAPTERS:  # the first round warms up
