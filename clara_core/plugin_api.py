@@ -100,15 +100,17 @@ def lora_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:
     return module_scaling(config, module, rank)
 
 
-def lora_factors(adapter_id: str, config: Mapping[str, Any], weights: bytes) -> Any:
+def lora_factors(adapter_id: str, config: Mapping[str, Any], weights: bytes, *, biases: bool = False) -> Any:
     """An adapter's tensors by module name in the base (``model.layers.0.self_attn.q_proj``), read from its
     verified bytes: an object with dicts ``lora_A`` (``[r, in]``), ``lora_B`` (``[out, r]``), ``magnitude``
-    (DoRA's magnitude vectors; empty for plain LoRA) and ``scaling`` (PEFT's alpha/r per module, patterns and
-    rsLoRA applied). :class:`InvalidInput` for anything else in the file (embedding LoRA, trained copies of whole
-    modules, ``lora_bias``, ``fan_in_fan_out``) or a non-LoRA adapter."""
+    (DoRA's magnitude vectors; empty for plain LoRA), ``scaling`` (PEFT's alpha/r per module, patterns and
+    rsLoRA applied) and, with ``biases``, ``bias`` (the trained bias vectors of PEFT's ``bias="all"`` or
+    ``"lora_only"``: the values, not a difference). :class:`InvalidInput` for anything else in the file (embedding
+    LoRA, trained copies of whole modules, ``lora_bias``, ``fan_in_fan_out``, biases without ``biases``) or a
+    non-LoRA adapter."""
     from .composites.tensors import parse_component
 
-    return parse_component(adapter_id, dict(config), weights)
+    return parse_component(adapter_id, dict(config), weights, biases=biases)
 
 
 def load_base_weights(base_path: Path, modules: Iterable[str]) -> dict[str, Any]:

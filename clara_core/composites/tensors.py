@@ -40,6 +40,8 @@ class ComponentWeights:
     lora_B: dict[str, Any]
     magnitude: dict[str, Any]
     scaling: dict[str, float]
+    #: trained bias vectors of the base's layers (PEFT ``bias="all"`` / ``"lora_only"``), read only on request
+    bias: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -77,8 +79,11 @@ def module_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:
     return alpha / rank
 
 
-def parse_component(adapter_id: str, config: dict, weights: bytes) -> ComponentWeights:
-    """Split a PEFT LoRA/DoRA state dict (the verified bytes) into per-module A, B and magnitude."""
+def parse_component(
+    adapter_id: str, config: dict, weights: bytes, *, biases: bool = False
+) -> ComponentWeights:
+    """Split a PEFT LoRA/DoRA state dict (the verified bytes) into per-module A, B and magnitude; with
+    ``biases``, trained bias vectors (``...q_proj.base_layer.bias`` or ``...k_proj.bias``) by module too."""
     from safetensors.torch import load
 
     if str(config.get("peft_type", "")).upper() != "LORA":
@@ -89,7 +94,7 @@ def parse_component(adapter_id: str, config: dict, weights: bytes) -> ComponentW
         if config.get(key):
             raise InvalidInput(f"adapter '{adapter_id}' uses {what}, which a composite cannot carry over")
     tensors = load(weights)
-    found: dict[str, dict[str, Any]] = {"A": {}, "B": {}, "M": {}}
+    found: dict[str, dict[str, Any]] = {"A": {}, "B": {}, "M": {}, "bias": {}}
     for key, tensor in tensors.items():
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         if name.endswith(_A_SUFFIX):
@@ -99,6 +104,8 @@ def parse_component(adapter_id: str, config: dict, weights: bytes) -> ComponentW
         elif name.endswith(_M_SUFFIXES):
             suffix = next(s for s in _M_SUFFIXES if name.endswith(s))
             found["M"][name[: -len(suffix)]] = tensor
+        elif biases and name.endswith(".bias"):
+            found["bias"][name.removesuffix(".bias").removesuffix(".base_layer")] = tensor
         else:
             raise InvalidInput(
                 f"adapter '{adapter_id}' holds '{key}', which is not a LoRA factor or DoRA magnitude; "
@@ -113,7 +120,7 @@ def parse_component(adapter_id: str, config: dict, weights: bytes) -> ComponentW
     scaling = {
         module: module_scaling(config, module, int(a.shape[0])) for module, a in sorted(found["A"].items())
     }
-    return ComponentWeights(adapter_id, config, found["A"], found["B"], found["M"], scaling)
+    return ComponentWeights(adapter_id, config, found["A"], found["B"], found["M"], scaling, found["bias"])
 
 
 def load_base_weights(base_path: Path, modules: Iterable[str]) -> dict[str, Any]:

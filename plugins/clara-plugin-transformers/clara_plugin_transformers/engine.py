@@ -31,6 +31,7 @@ from typing import Any
 from clara_core.plugin_api import (
     AdapterFiles,
     ClaraError,
+    Conflict,
     EngineCapabilities,
     EngineImpl,
     EngineOptions,
@@ -43,6 +44,17 @@ from clara_core.plugin_api import (
 )
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+class AdapterNotServable(Conflict):
+    """The adapter is registered and intact, but this engine cannot apply it to some rows only (409)."""
+
+    code = "adapter_not_servable"
+
+
+#: (A, B, scaling) of a module's LoRA (``None``s where the adapter only trained the module's bias) and the
+#: difference of its trained bias from the base's (``None`` where it trained none)
+_Module = tuple[Any, Any, float, Any]
 #: adapter_config.json settings that do not change what a loaded plain LoRA computes (``x @ A.T @ B.T * scaling``
 #: with PEFT's per-module scaling): bookkeeping, targeting, initialisation and training-only ones. An adapter with
 #: any other setting (DoRA, lora_bias, modules_to_save, variants, whatever a newer PEFT adds) is loaded by PEFT.
@@ -125,7 +137,7 @@ class TransformersEngine(EngineImpl):
         self._ids: dict[str, str] = {}  # PEFT adapter name -> clara id
         self._hooked: dict[int, Any] = {}
         #: plain LoRA adapters applied without PEFT: id(base linear) -> PEFT name -> (A, B, scaling)
-        self._direct: dict[int, dict[str, tuple[Any, Any, float]]] = {}
+        self._direct: dict[int, dict[str, _Module]] = {}
         self._direct_hooks: dict[int, Any] = {}  # id(base linear) -> its forward hook
         self._direct_modules: dict[str, list[int]] = {}  # PEFT name -> the linears it touches
         self._plan: list[tuple[str, int, int]] | None = None
@@ -302,6 +314,9 @@ class TransformersEngine(EngineImpl):
             factors = self._direct_factors(adapter_id, files)
         if factors is not None and self._load_direct(adapter_id, name, factors):
             return
+        if str(config.get("bias") or "none") != "none":
+            # PEFT would write the trained biases into the base's layers: every row would get them, for good
+            raise _bias_not_servable(adapter_id, config)
         try:
             weights = load_safetensors(files.weights)
             peft_config = PeftConfig.from_peft_type(
@@ -334,32 +349,36 @@ class TransformersEngine(EngineImpl):
         self._fast = None  # new layers start enabled
         self.adapter_loads += 1
 
-    def _direct_factors(
-        self, adapter_id: str, files: AdapterFiles
-    ) -> dict[str, tuple[Any, Any, float]] | None:
-        """A plain LoRA adapter's factors by module, ``(A, B, scaling)`` on the engine's device, for
-        :meth:`_load_direct`; ``None`` where the adapter needs PEFT: DoRA, settings that change PEFT's computation,
-        tensors that are not LoRA factors. Touches no module of the model (runs off the worker)."""
+    def _direct_factors(self, adapter_id: str, files: AdapterFiles) -> tuple[dict, dict] | None:
+        """A plain LoRA adapter's tensors on the engine's device, for :meth:`_load_direct`: ``(A, B, scaling)``
+        by module and the trained bias vectors by module (PEFT ``bias="all"``/``"lora_only"``); ``None`` where
+        the adapter needs PEFT: DoRA, settings that change PEFT's computation, tensors that are not LoRA factors.
+        Touches no module of the model (runs off the worker)."""
         import torch
 
         config = files.config
-        if config.get("peft_type", "LORA") != "LORA":
+        if config.get("peft_type", "LORA") != "LORA" or config.get("init_lora_weights") == "loftq":
             return None  # the PEFT path names what it serves
-        if config.get("bias", "none") != "none" or config.get("init_lora_weights") == "loftq":
-            return None
+        trains_bias = str(config.get("bias") or "none") != "none"
         if any(value for key, value in config.items() if key not in _DIRECT_SETTINGS):
+            if trains_bias:
+                raise _bias_not_servable(adapter_id, config)
             return None
         try:
-            factors = lora_factors(adapter_id, config, files.weights)
+            factors = lora_factors(adapter_id, config, files.weights, biases=trains_bias)
         except InvalidInput:
+            if trains_bias:
+                raise _bias_not_servable(adapter_id, config) from None
             return None  # embedding LoRA, modules_to_save, ...: PEFT knows them
         except Exception as exc:  # a corrupt file: this adapter fails, not the server
             raise ClaraError(f"adapter '{adapter_id}' cannot be loaded: {type(exc).__name__}: {exc}") from exc
         if factors.magnitude:
+            if trains_bias:
+                raise _bias_not_servable(adapter_id, config)
             return None
         # PEFT keeps adapter weights in float32 over a half-precision base (autocast_adapter_dtype)
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        return {
+        lora = {
             module: (
                 lora_a.to(device=self.device, dtype=dtype),
                 factors.lora_B[module].to(device=self.device, dtype=dtype),
@@ -367,15 +386,19 @@ class TransformersEngine(EngineImpl):
             )
             for module, lora_a in factors.lora_A.items()
         }
+        biases = {module: bias.to(device=self.device, dtype=dtype) for module, bias in factors.bias.items()}
+        return lora, biases
 
-    def _load_direct(self, adapter_id: str, name: str, factors: dict[str, tuple[Any, Any, float]]) -> bool:
+    def _load_direct(self, adapter_id: str, name: str, factors: tuple[dict, dict]) -> bool:
         """On the worker: hook ``factors`` (from :meth:`_direct_factors`) into the base's linear layers, applied
-        by :meth:`_direct_hook`. False (nothing loaded) where a module is not a linear layer (PEFT's business);
-        factors that do not fit the base are one line."""
+        by :meth:`_direct_hook` to the adapter's rows only (trained biases as their difference from the base's:
+        the base's own bias is never changed). False (nothing loaded) where a LoRA module is not a linear layer
+        (PEFT's business); factors that do not fit the base are one line."""
         import torch
 
-        loaded: dict[int, tuple[Any, tuple[Any, Any, float]]] = {}
-        for module, (a, b, scaling) in factors.items():
+        lora, biases = factors
+
+        def linear(module: str) -> Any:
             try:
                 target = self.model.get_submodule(module)
             except AttributeError:
@@ -384,7 +407,14 @@ class TransformersEngine(EngineImpl):
                 ) from None
             while hasattr(target, "base_layer"):  # already wrapped by PEFT for another adapter
                 target = target.base_layer
-            if not isinstance(target, torch.nn.Linear):
+            return target if isinstance(target, torch.nn.Linear) else None
+
+        loaded: dict[int, tuple[Any, _Module]] = {}
+        for module, (a, b, scaling) in lora.items():
+            target = linear(module)
+            if target is None:
+                if biases:
+                    raise _bias_not_servable(adapter_id, {"bias": "all"})
                 return False  # a LoRA of another layer type: PEFT's business
             rank = a.shape[0]
             if tuple(a.shape) != (rank, target.in_features) or tuple(b.shape) != (target.out_features, rank):
@@ -392,7 +422,20 @@ class TransformersEngine(EngineImpl):
                     f"adapter '{adapter_id}' does not fit the base: '{module}' is {target.out_features}x"
                     f"{target.in_features}, the adapter's factors are {tuple(b.shape)} and {tuple(a.shape)}"
                 )
-            loaded[id(target)] = (target, (a, b, scaling))
+            loaded[id(target)] = (target, (a, b, scaling, None))
+        for module, trained in biases.items():
+            target = linear(module)
+            if target is None or target.bias is None or tuple(target.bias.shape) != tuple(trained.shape):
+                raise AdapterNotServable(
+                    f"adapter '{adapter_id}' trains a bias of '{module}', which is not a linear layer with a bias "
+                    "of that size in this base; the transformers engine applies trained biases of linear layers "
+                    "only: retrain it with bias='none', or merge it into the base"
+                )
+            delta = trained - target.bias.detach().to(trained.dtype)
+            if not bool(delta.any()):
+                continue  # the bias was saved but not changed
+            a, b, scaling, _ = loaded.get(id(target), (target, (None, None, 0.0, None)))[1]
+            loaded[id(target)] = (target, (a, b, scaling, delta))
         for key, (target, weights) in loaded.items():
             self._direct.setdefault(key, {})[name] = weights
             if key not in self._direct_hooks:
@@ -417,9 +460,12 @@ class TransformersEngine(EngineImpl):
             weights = table.get(name)
             if weights is None:  # this adapter does not touch this layer
                 continue
-            a, b, scaling = weights
-            delta = F.linear(F.linear(x[start:end].to(a.dtype), a), b) * scaling
-            output[start:end] += delta.to(output.dtype)
+            a, b, scaling, bias = weights
+            if a is not None:
+                delta = F.linear(F.linear(x[start:end].to(a.dtype), a), b) * scaling
+                output[start:end] += delta.to(output.dtype)
+            if bias is not None:
+                output[start:end] += bias.to(output.dtype)
         return output
 
     def _lora_layers(self) -> list[Any]:
@@ -886,6 +932,14 @@ class TransformersEngine(EngineImpl):
                 completion_tokens=len(row.generated),
             )
         )
+
+
+def _bias_not_servable(adapter_id: str, config: Mapping[str, Any]) -> AdapterNotServable:
+    return AdapterNotServable(
+        f"adapter '{adapter_id}' trains bias terms (bias={config.get('bias')!r}) beside more than plain LoRA of "
+        "linear layers; the transformers engine applies trained biases to the adapter's own rows only for plain "
+        "LoRA adapters: retrain it with bias='none', or merge it into the base"
+    )
 
 
 def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:

@@ -423,3 +423,67 @@ def test_ids_with_dots_and_underscores_load_and_answer_like_a_plain_id(models: d
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def adapter_with_biases(base: Path, out: Path, *, bias: str, use_dora: bool = False) -> Path:
+    """A LoRA adapter that also trains the base's bias terms (PEFT bias='all' or 'lora_only')."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=bias, use_dora=use_dora)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(60)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or name.endswith(".bias"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_apply_to_the_adapters_rows_only(tmp_path: Path, bias: str) -> None:
+    """PEFT would write an adapter's trained biases into the base's layers: every request (the base's, other
+    adapters') would get them, even after the unload. The engine adds their difference to the adapter's rows
+    only: the base answers as before, during and after, and the adapter answers as PEFT's own loading does."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clara_core.tinymodels import build_qwen2
+
+    base = build_qwen2(tmp_path / "qwen2", seed=5)  # q/k/v projections with biases
+    folder = adapter_with_biases(base, tmp_path / "biased", bias=bias)
+    dora = adapter_with_biases(base, tmp_path / "dora", bias=bias, use_dora=True)
+    models = {"base": base}
+
+    async def main() -> tuple[str, str]:
+        engine = make_engine(models)
+        await engine.start()
+        before, _ = await run(engine, PROMPTS[2], None, max_tokens=8, ignore_eos=True)
+        await engine.load_adapter(Adapter("biased", folder))
+        assert engine.peft is None
+        alone, _ = await run(engine, PROMPTS[2], "biased", max_tokens=8, ignore_eos=True)
+        together = await asyncio.gather(
+            *(run(engine, PROMPTS[2], a, max_tokens=8, ignore_eos=True) for a in [None, "biased"] * 3)
+        )
+        assert [t for t, _ in together] == [before, alone] * 3
+        with pytest.raises(Conflict, match="trains bias terms") as refused:
+            await engine.load_adapter(Adapter("dora", dora))
+        assert refused.value.code == "adapter_not_servable"
+        await engine.unload_adapter("biased")
+        after, _ = await run(engine, PROMPTS[2], None, max_tokens=8, ignore_eos=True)
+        assert after == before and alone != before
+        await engine.shutdown()
+        return alone, before
+
+    alone, _ = asyncio.run(main())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer(PROMPTS[2], return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
+    with torch.no_grad():
+        generated = peft_model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert alone == tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
