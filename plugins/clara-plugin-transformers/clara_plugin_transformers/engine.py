@@ -479,8 +479,10 @@ class TransformersEngine(EngineImpl):
         its own group through PEFT itself."""
         from peft.tuners.lora.layer import Linear
 
-        if config.get("modules_to_save"):
-            return False
+        if any(value for key, value in config.items() if key not in _DIRECT_SETTINGS | {"fan_in_fan_out"}):
+            return (
+                False  # modules_to_save, trainable tokens, variants: PEFT computes them, in their own group
+            )
         for layer in self._lora_layers():
             if adapter_id in getattr(layer, "lora_embedding_A", {}) or adapter_id in getattr(
                 layer, "lora_variant", {}
@@ -516,15 +518,16 @@ class TransformersEngine(EngineImpl):
         return output
 
     def _set_fast_path(self, enabled: bool) -> None:
-        """On the fast path PEFT computes the base only: LoRA layers and ``modules_to_save`` copies (which
-        would otherwise follow PEFT's active adapter) are disabled; the hook adds the deltas."""
+        """On the fast path PEFT computes the base only: every PEFT layer (LoRA layers, trainable token
+        embeddings) and ``modules_to_save`` copies (which would otherwise follow PEFT's active adapter) are
+        disabled; the hooks add the deltas."""
         if self._fast == enabled:
             return
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         for module in self.peft.modules():
-            if isinstance(module, LoraLayer | AuxiliaryTrainingWrapper):
+            if isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper):
                 module._disable_adapters = enabled
         self._fast = enabled
 

@@ -47,7 +47,30 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made["attn_only"] = random_lora_adapter(base, root / "attn", seed=30, target_modules=["q_proj", "v_proj"])
     made["with_head"] = adapter_with_modules_to_save(base, root / "head")
     made["patterns"] = adapter_with_patterns(base, root / "patterns")
+    made["tokens"] = adapter_with_trainable_tokens(base, root / "tokens")
     return made
+
+
+def adapter_with_trainable_tokens(base: Path, out: Path) -> Path:
+    """A LoRA adapter that also trains the embeddings of a few tokens (PEFT trainable_token_indices), here the
+    tokens of the prompt the comparison with PEFT uses."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokens = sorted(set(AutoTokenizer.from_pretrained(base)(PROMPTS[2])["input_ids"]))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], trainable_token_indices=tokens
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(70)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 def adapter_with_patterns(base: Path, out: Path) -> Path:
@@ -108,7 +131,7 @@ async def run(engine: Any, prompt: str, adapter: str | None, **kwargs: Any) -> t
     return text, last
 
 
-ADAPTERS = ["lora0", "lora1", "lora2", "dora", "attn_only", "with_head"]
+ADAPTERS = ["lora0", "lora1", "lora2", "dora", "attn_only", "with_head", "tokens"]
 
 
 def test_registered_lazily_without_heavy_imports() -> None:
@@ -146,7 +169,7 @@ def test_mixed_batches_match_each_adapter_alone_and_never_reload_the_base(models
         assert engine.peak_batch > 8
         assert engine.base_loads == 1
         own_groups = engine.health()["own_group_adapters"]
-        assert own_groups == ["dora", "with_head"]
+        assert own_groups == ["dora", "tokens", "with_head"]
         await engine.shutdown()
 
     asyncio.run(main())
@@ -260,7 +283,7 @@ def test_adapters_loaded_from_bytes_match_peft_loading_the_folder(models: dict[s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # plain LoRA (applied without PEFT) before and after PEFT wrapped the base's layers for the DoRA adapter
-    names = ("lora0", "dora", "with_head", "attn_only", "patterns")
+    names = ("lora0", "dora", "with_head", "attn_only", "patterns", "tokens")
 
     async def served() -> dict[str, str]:
         engine = make_engine(models)
