@@ -315,6 +315,11 @@ def vllm_feature_problems(adapter_id: str, config: Mapping[str, Any], method: st
             f"adapter '{adapter_id}' carries full copies of modules ({names}, PEFT modules_to_save) that vLLM "
             "cannot load: serve it with --engine transformers, or retrain it without modules_to_save"
         )
+    if config.get("trainable_token_indices"):
+        problems.append(
+            f"adapter '{adapter_id}' trains token embeddings (PEFT trainable_token_indices), which vLLM does not "
+            "load: serve it with --engine transformers, or merge it into the base"
+        )
     bias = str(config.get("bias") or "none")
     if bias != "none":
         problems.append(

@@ -47,6 +47,10 @@ def test_a_rank_above_max_lora_rank_is_refused_with_the_flag_to_restart_with(pop
 
 def test_bias_and_non_lora_adapters_are_refused():
     assert "bias" in vllm_feature_problems("x", {"peft_type": "LORA", "bias": "all"})[0]
+    tokens = vllm_feature_problems("x", {"peft_type": "LORA", "trainable_token_indices": [3, 4]})
+    assert (
+        len(tokens) == 1 and "trainable_token_indices" in tokens[0] and "--engine transformers" in tokens[0]
+    )
     assert "LoRA adapters only" in vllm_feature_problems("x", {"peft_type": "IA3"})[0]
     assert vllm_feature_problems("x", {"peft_type": "LORA", "bias": "none", "modules_to_save": None}) == []
 
