@@ -848,6 +848,11 @@ class RouterImpl(abc.ABC):
     def load(self, state_dir: Path) -> None:
         """Restore a fitted state written by :meth:`save`."""
 
+    def summary(self) -> str | None:
+        """One line on what the fit chose (``clara router fit`` prints it and the manifest keeps it), or
+        ``None``."""
+        return None
+
 
 #: The registration classes by hook name, in the order ``clara plugins`` prints them.
 REGISTRATION_KINDS: dict[str, type[Registration]] = {

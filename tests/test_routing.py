@@ -153,6 +153,24 @@ def test_embedding_fit_is_cached_per_adapter_checksum(law_ws: Workspace) -> None
     assert sum(embedded) == first  # another layer: other embeddings, nothing cached applies
 
 
+@needs_gesetze
+def test_layer_auto_compares_layers_on_held_out_texts_and_says_which_it_chose(law_ws: Workspace) -> None:
+    import re
+
+    result = _run(law_ws, "router", "fit", "-o", "layer=auto", "--sample", "10", *_data_args())
+    assert result.exit_code == 0, result.output
+    said = re.search(r"layer=auto: held-out accuracy by layer (.*); chose layer (\d+)", result.output)
+    assert said, result.output
+    compared = dict(part.split() for part in said.group(1).split(", "))
+    assert sorted(compared, key=int) == ["0", "1", "2"]  # the tiny base's layers: 0, 1/4 .. 3/4, last
+    best = max(float(v.rstrip("%")) for v in compared.values())
+    assert float(compared[said.group(2)].rstrip("%")) == best  # the chosen layer is the most accurate
+    manifest = json.loads((law_ws.root / "metadata" / "routers" / "embedding" / "manifest.json").read_text())
+    assert manifest["summary"].startswith("layer=auto")
+    routed = _run(law_ws, "route", "Wer setzt die Einkommensteuer fest?", "--json")
+    assert routed.exit_code == 0, routed.output
+
+
 def test_early_layers_stop_the_forward_pass_and_equal_the_full_passes_hidden_states(
     tiny_base_dir: Path,
 ) -> None:

@@ -30,6 +30,7 @@ CONFIGS = {
     # the embedding router as first built: last hidden states, centred, no whitening
     "embedding-last": ("embedding", {"layer": -1, "whiten": 0.0}),
     "embedding": ("embedding", {}),  # its defaults: token embeddings (layer 0), centred, whitened
+    "embedding-auto": ("embedding", {"layer": "auto"}),  # the layer chosen by held-out accuracy
     "keyword": ("keyword", {}),
     "arrow": ("arrow", {}),  # from the trained adapters' own weights
 }
@@ -212,6 +213,7 @@ def main() -> None:
             loaded = load_router(ws, plugins, router)
             result = evaluate(loaded, records, embed if loaded.router.needs_embeddings else None)
             result.update(split=split, fit_seconds=fit_s, config=label, options=options)
+            result["summary"] = loaded.router.summary()
             results.append(result)
             if args.plots:
                 args.plots.mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,8 @@ def main() -> None:
             print(
                 f"{split:12} {label:15} accuracy {result['accuracy']:.1%}  p50 "
                 f"{result['latency_seconds']['p50'] * 1000:.2f} ms  p95 {result['latency_seconds']['p95'] * 1000:.2f} ms"
-                f"  ({result['records']} prompts)",
+                f"  ({result['records']} prompts)"
+                + (f"\n    {result['summary']}" if result["summary"] else ""),
                 flush=True,
             )
     prompts = [r["text"] for d in DOMAINS for r in dev[d][: 2 if args.quick else 7]]

@@ -112,6 +112,8 @@ def fit(
     )
     counts = ", ".join(f"{a} ({n} texts)" for a, n in manifest["examples"].items())
     click.echo(f"Fitted router '{manifest['router']}' for base '{manifest['base']}' on {counts}.")
+    if manifest.get("summary"):
+        click.echo(manifest["summary"])
 
 
 @click.command()

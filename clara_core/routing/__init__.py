@@ -251,6 +251,7 @@ def fit_router(
         "keywords_sha256": _keywords_hash(keywords),
         "examples": {k: len(v) for k, v in examples.items()},
         "options": dict(options or {}),
+        "summary": router.summary(),
         "fitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     routers_dir(workspace).mkdir(parents=True, exist_ok=True)

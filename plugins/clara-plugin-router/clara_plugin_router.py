@@ -102,6 +102,8 @@ EMBEDDING_FORMAT = 2
 ARRAYS_FILE = "arrays.npz"
 #: Most whitening directions kept (the within-domain covariance is low-rank plus the shrinkage target).
 MAX_DIRECTIONS = 256
+#: ``layer=auto``: choose the layer by held-out accuracy
+AUTO = "auto"
 
 
 def _flag(options: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -127,14 +129,26 @@ def _fraction(options: Mapping[str, Any], name: str, default: float) -> float:
     return number
 
 
-def _layer(options: Mapping[str, Any]) -> int:
+def _layer(options: Mapping[str, Any]) -> int | str:
     value = options.get("layer", 0)
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
     try:
         return int(value if value is not None else 0)
     except (TypeError, ValueError):
         raise InvalidInput(
-            f"layer must be a whole number (0: token embeddings, -1: last), got {value!r}"
+            f"layer must be a whole number (0: token embeddings, -1: last) or 'auto', got {value!r}"
         ) from None
+
+
+def _layer_candidates(base: Any) -> list[int]:
+    """The layers ``layer=auto`` compares: the token embeddings, a quarter, half and three quarters of the way,
+    and the last hidden states (``config.num_hidden_layers`` of the base; without it, first and last)."""
+    config = dict(getattr(base, "config", None) or {})
+    count = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if not isinstance(count, int) or count < 1:
+        return [0, -1]
+    return sorted({0, round(count / 4), round(count / 2), round(3 * count / 4), count})
 
 
 class _Whitening:
@@ -189,34 +203,102 @@ class EmbeddingRouter(RouterImpl):
             raise InvalidInput("the embedding router needs the base model's embeddings")
         threshold = _threshold(request.options)
         k = _positive_int(request.options, "centroids", 1)
-        layer = _layer(request.options)
+        chosen = _layer(request.options)
         centre_on = _flag(request.options, "centre", True)
         whiten = _fraction(request.options, "whiten", 0.5)
         embed = request.embed
-        cache: dict[str, Any] = {}
-        if request.previous is not None and (request.previous / STATE_FILE).is_file():
-            try:
-                old = _read_state(request.previous)
-                if old.get("format") == EMBEDDING_FORMAT and old.get("base_model_hash") == (
-                    request.base.base_model_hash
-                ):
-                    with np.load(request.previous / ARRAYS_FILE, allow_pickle=False) as stored:
-                        cache = {
-                            a: (entry["key"], np.asarray(stored[entry["array"]], dtype=np.float64))
-                            for a, entry in old.get("cache", {}).items()
-                        }
-            except (OSError, ValueError, KeyError):
-                cache = {}  # an unreadable cache is only a slower fit
-        raw: dict[str, Any] = {}
-        cache_meta: dict[str, Any] = {}
-        arrays: dict[str, Any] = {}
         ids = [a.id for a in request.adapters]
-        for i, adapter in enumerate(request.adapters):
-            texts = list(request.examples.get(adapter.id, []))
-            if not texts:
+        for adapter in request.adapters:
+            if not request.examples.get(adapter.id):
                 raise InvalidInput(
                     f"adapter '{adapter.id}' has no training texts to fit the embedding router on"
                 )
+        cache = self._previous_cache(request)
+        held = [t for a in request.adapters for t in request.held_out.get(a.id, [])]
+        held_owner = [i for i, a in enumerate(request.adapters) for _ in request.held_out.get(a.id, [])]
+        scores: dict[int, float] = {}
+        held_at: dict[int, Any] = {}  # the held-out texts embedded, by layer
+
+        def embedded_held(at: int) -> Any:
+            if at not in held_at:
+                held_at[at] = np.asarray(embed(held, layer=at), dtype=np.float64)
+            return held_at[at]
+
+        if chosen == AUTO:
+            if not held:
+                raise InvalidInput(
+                    "layer=auto chooses the layer by held-out accuracy, but no held-out texts are left: give "
+                    "more training data (or a larger --sample), or set the layer (-o layer=0)"
+                )
+            for candidate in _layer_candidates(request.base):
+                raw = self._embed_examples(request, candidate, cache)[0]
+                self._fit_centroids(raw, ids, k, centre_on, whiten)
+                routed = self._route_embedded(embedded_held(candidate), 0.0)
+                right = sum(d.adapter_id == ids[o] for d, o in zip(routed, held_owner, strict=True))
+                scores[candidate] = right / len(held)
+            # the most accurate; among equals the earliest layer (the cheapest forward pass)
+            layer = max(scores, key=lambda c: (scores[c], -c if c >= 0 else -1e9))
+        else:
+            layer = int(chosen)
+        raw, cache_meta, arrays = self._embed_examples(request, layer, cache)
+        white = self._fit_centroids(raw, ids, k, centre_on, whiten)
+        self.arrays.update(arrays)
+        self.state = {
+            "format": EMBEDDING_FORMAT,
+            "base_model_hash": request.base.base_model_hash,
+            "adapters": ids,
+            "layer": layer,
+            "layer_option": chosen,
+            "layer_accuracy": {str(c): round(v, 4) for c, v in scores.items()},
+            "centre": centre_on,
+            "whiten": whiten,
+            "rest": white.rest,
+            "centroids_per_adapter": k,
+            "cache": cache_meta,
+            "threshold": threshold,
+            "threshold_source": "option" if threshold is not None else "held-out",
+        }
+        if threshold is None:
+            if held:
+                best = [d.score for d in self._route_embedded(embedded_held(layer), 0.0)]
+                # 95% of held-out in-domain texts stay above it
+                self.state["threshold"] = max(0.0, float(np.quantile(best, 0.05)) - 0.02)
+            else:
+                self.state["threshold"] = 0.0
+
+    def _previous_cache(self, request: RouterFitRequest) -> dict[str, Any]:
+        """The embeddings the last fit of this base stored, by adapter id: ``(key, array)``."""
+        import numpy as np
+
+        if request.previous is None or not (request.previous / STATE_FILE).is_file():
+            return {}
+        try:
+            old = _read_state(request.previous)
+            if (
+                old.get("format") != EMBEDDING_FORMAT
+                or old.get("base_model_hash") != request.base.base_model_hash
+            ):
+                return {}
+            with np.load(request.previous / ARRAYS_FILE, allow_pickle=False) as stored:
+                return {
+                    a: (entry["key"], np.asarray(stored[entry["array"]], dtype=np.float64))
+                    for a, entry in old.get("cache", {}).items()
+                }
+        except (OSError, ValueError, KeyError):
+            return {}  # an unreadable cache is only a slower fit
+
+    def _embed_examples(
+        self, request: RouterFitRequest, layer: int, cache: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Each adapter's training texts embedded at ``layer`` (from ``cache`` where the adapter's checksum,
+        the layer and the texts are the same), the cache entries to store and their arrays."""
+        import numpy as np
+
+        raw: dict[str, Any] = {}
+        cache_meta: dict[str, Any] = {}
+        arrays: dict[str, Any] = {}
+        for i, adapter in enumerate(request.adapters):
+            texts = list(request.examples.get(adapter.id, []))
             key = json.dumps(
                 [adapter.adapter_checksum, layer, len(texts), sorted(texts)[:3]], ensure_ascii=False
             )
@@ -224,10 +306,19 @@ class EmbeddingRouter(RouterImpl):
             if hit is not None and hit[0] == key:
                 emb = hit[1]
             else:
-                emb = np.asarray(embed(texts, layer=layer), dtype=np.float64)
+                assert request.embed is not None
+                emb = np.asarray(request.embed(texts, layer=layer), dtype=np.float64)
             raw[adapter.id] = emb
             cache_meta[adapter.id] = {"key": key, "array": f"cache{i}"}
             arrays[f"cache{i}"] = emb.astype(np.float32)
+        return raw, cache_meta, arrays
+
+    def _fit_centroids(
+        self, raw: dict[str, Any], ids: list[str], k: int, centre_on: bool, whiten: float
+    ) -> Any:
+        """Centre, whitening and centroids from the embedded training texts ``raw`` (set on this router)."""
+        import numpy as np
+
         dim = next(iter(raw.values())).shape[1]
         # the mean over adapters (not texts): every domain counts the same
         centre = np.mean([v.mean(axis=0) for v in raw.values()], axis=0) if centre_on else np.zeros(dim)
@@ -238,7 +329,7 @@ class EmbeddingRouter(RouterImpl):
             c = _kmeans(_unit(white(raw[a])), k)
             centroids.append(c)
             owners += [i] * len(c)
-        arrays.update(
+        self.arrays = dict(
             centre=centre,
             dirs=white.dirs,
             scales=white.scales,
@@ -246,30 +337,19 @@ class EmbeddingRouter(RouterImpl):
             owners=np.asarray(owners, dtype=np.int64),
             plain=np.stack([_unit(_unit(raw[a]).mean(axis=0)) for a in ids]),
         )
-        self.arrays = arrays
         self._white = white
-        self.state = {
-            "format": EMBEDDING_FORMAT,
-            "base_model_hash": request.base.base_model_hash,
-            "adapters": ids,
-            "layer": layer,
-            "centre": centre_on,
-            "whiten": whiten,
-            "rest": white.rest,
-            "centroids_per_adapter": k,
-            "cache": cache_meta,
-            "threshold": threshold,
-            "threshold_source": "option" if threshold is not None else "held-out",
-        }
-        if threshold is None:
-            held = [t for a in request.adapters for t in request.held_out.get(a.id, [])]
-            if held:
-                emb = np.asarray(embed(held, layer=layer), dtype=np.float64)
-                best = [d.score for d in self._route_embedded(emb, 0.0)]
-                # 95% of held-out in-domain texts stay above it
-                self.state["threshold"] = max(0.0, float(np.quantile(best, 0.05)) - 0.02)
-            else:
-                self.state["threshold"] = 0.0
+        self.state = {"adapters": ids}  # what _route_embedded reads while the fit goes on
+        return white
+
+    def summary(self) -> str | None:
+        scores = self.state.get("layer_accuracy") or {}
+        if not scores:
+            return None
+        table = ", ".join(f"{layer} {acc:.1%}" for layer, acc in scores.items())
+        return (
+            f"layer=auto: held-out accuracy by layer {table}; chose layer {self.state['layer']} "
+            f"(fixed with -o layer={self.state['layer']})"
+        )
 
     def _route_embedded(self, emb: Any, threshold: float) -> list[RouteDecision]:
         """The adapter whose centroid is most similar once the embeddings are centred and whitened (what tells
@@ -593,10 +673,11 @@ def register_routers(register: Any) -> None:
                 Option("centroids", int, 1, "centroids per adapter"),
                 Option(
                     "layer",
-                    int,
-                    0,
+                    str,
+                    "0",
                     "hidden states after this many decoder layers (0: the token embeddings, -1: the last); "
-                    "the forward pass stops there",
+                    "the forward pass stops there. 'auto': the most accurate on the held-out texts of "
+                    "0, 1/4, 1/2, 3/4 of the layers and the last (the earliest among equals)",
                 ),
                 Option("centre", bool, True, "subtract the mean embedding of the domains before comparing"),
                 Option(

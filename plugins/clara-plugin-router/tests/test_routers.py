@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import attrs
 import pytest
 from clara_plugin_router import EmbeddingRouter, KeywordRouter
 
@@ -78,6 +79,49 @@ def test_fitted_threshold_lets_held_out_texts_through_and_options_are_checked() 
         fit(EmbeddingRouter(), centroids=0)
     with pytest.raises(InvalidInput, match="needs the base model's embeddings"):
         router.route(RouteRequest(prompt="steuer"))
+
+
+def test_layer_auto_chooses_the_most_accurate_layer_on_held_out_texts(tmp_path: Path) -> None:
+    """Only layer 2 of a 4-layer base tells the domains apart (the others see every text alike, with noise):
+    layer=auto compares 0, 1, 2, 3 and 4 on the held-out texts, chooses 2, says so, and routes at layer 2."""
+    import numpy as np
+
+    calls: list[int | None] = []
+
+    def layered(texts, *, layer=None):
+        calls.append(layer)
+        informative = [[t.lower().count(w) + 0.1 for w in VOCAB] + [1.0] for t in texts]
+        if layer == 2:
+            return informative
+        rng = np.random.default_rng(layer or 0)
+        return (np.ones((len(texts), 4)) + 0.01 * rng.standard_normal((len(texts), 4))).tolist()
+
+    base = SimpleNamespace(base_model_hash="h" * 64, name="tiny", config={"num_hidden_layers": 4})
+    held = {
+        "steuer-lora-r4-v1": ["steuer hoch", "die steuer steuer"],
+        "sozial-lora-r4-v1": ["sozial geld", "sozial sozial"],
+    }
+    request = RouterFitRequest(
+        adapters=adapters("steuer", "sozial"), base=base, options={"layer": "auto"}, examples=EXAMPLES,
+        held_out=held, embed=layered,
+    )  # fmt: skip
+    router = EmbeddingRouter()
+    router.fit(request)
+    assert sorted(set(calls)) == [0, 1, 2, 3, 4]
+    assert router.state["layer"] == 2 and router.state["layer_accuracy"]["2"] == 1.0
+    assert "chose layer 2" in router.summary() and "-o layer=2" in router.summary()
+    calls.clear()
+    assert router.route(RouteRequest(prompt="mehr steuer", embed=layered)).adapter_id == "steuer-lora-r4-v1"
+    assert calls == [2]
+    router.save(tmp_path)
+    again = EmbeddingRouter()
+    again.load(tmp_path)
+    assert again.route(RouteRequest(prompt="sozial hilfe", embed=layered)).adapter_id == "sozial-lora-r4-v1"
+    assert EmbeddingRouter().summary() is None  # a fixed layer has nothing to report
+    with pytest.raises(InvalidInput, match="no held-out texts are left"):
+        EmbeddingRouter().fit(attrs.evolve(request, held_out={}))
+    with pytest.raises(InvalidInput, match="layer must be a whole number .* or 'auto', got 'middle'"):
+        EmbeddingRouter().fit(attrs.evolve(request, options={"layer": "middle"}))
 
 
 def test_keyword_router_uses_patterns_and_learned_words(tmp_path: Path) -> None:
