@@ -62,6 +62,13 @@ def register_engines(register: Any) -> None:
                 ),
                 Option("n_threads", int, 0, "CPU threads for llama.cpp (0: its default, half the cores)"),
                 Option("n_gpu_layers", int, 0, "layers offloaded to the GPU (-1: all; needs a GPU build)"),
+                Option(
+                    "svd_rank",
+                    int,
+                    0,
+                    "rank of the truncated SVD a DoRA adapter is served as (0: the adapter's own; higher is closer "
+                    "to the DoRA model); plain LoRA adapters are exact",
+                ),
             ),
         )
     )

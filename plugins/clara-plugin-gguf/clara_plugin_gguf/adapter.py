@@ -337,18 +337,25 @@ def _write_lora_gguf(
 
 
 def cached_adapter_gguf(
-    adapter: AdapterRecord, base: BaseRecord, cache_dir: Path, *, echo: Callable[[str], None] = _noop
+    adapter: AdapterRecord,
+    base: BaseRecord,
+    cache_dir: Path,
+    *,
+    echo: Callable[[str], None] = _noop,
+    svd_rank: int = 0,
 ) -> Path:
-    """The adapter's GGUF in ``cache_dir/gguf/adapter-<checksum16>.gguf``, converted once per checksum (the
-    checksum covers weights and config, so a changed adapter never gets a stale file)."""
+    """The adapter's GGUF in ``cache_dir/gguf/adapter-<checksum16>.gguf`` (``-svd<R>`` before the suffix for an
+    ``svd_rank`` other than the adapter's own), converted once per checksum and rank (the checksum covers
+    weights and config, so a changed adapter never gets a stale file)."""
     if not adapter.adapter_checksum:
         raise InvalidInput(
             f"adapter '{adapter.id}' has no registered checksum; register it again to export it"
         )
-    path = Path(cache_dir) / "gguf" / f"adapter-{adapter.adapter_checksum[:16]}.gguf"
+    rank = f"-svd{svd_rank}" if svd_rank else ""
+    path = Path(cache_dir) / "gguf" / f"adapter-{adapter.adapter_checksum[:16]}{rank}.gguf"
     if not path.is_file():
         echo(f"Converting adapter '{adapter.id}' to GGUF ({path.name}) ...")
-        convert_adapter(adapter, base, path, echo=echo)
+        convert_adapter(adapter, base, path, echo=echo, svd_rank=svd_rank)
     return path
 
 

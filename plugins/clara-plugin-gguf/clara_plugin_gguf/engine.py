@@ -185,6 +185,11 @@ class LlamaCppEngine(EngineImpl):
         self.n_ctx = int(extra.get("n_ctx", DEFAULT_N_CTX))
         self.n_threads = int(extra.get("n_threads") or 0)
         self.n_gpu_layers = int(extra.get("n_gpu_layers") or 0)
+        self.svd_rank = int(extra.get("svd_rank") or 0)
+        if self.svd_rank < 0:
+            raise InvalidInput(
+                f"engine option -o svd_rank must be 0 (the adapter's own rank) or more, got {self.svd_rank}"
+            )
         if self.outtype not in OUTTYPES:
             raise InvalidInput(f"engine option -o outtype must be {', '.join(OUTTYPES)}, got {self.outtype}")
         if self.n_ctx < 0:
@@ -361,7 +366,9 @@ class LlamaCppEngine(EngineImpl):
             said.append(line)
 
         try:
-            path = Path(cached_adapter_gguf(adapter, self.base, self._cache(), echo=echo))
+            path = Path(
+                cached_adapter_gguf(adapter, self.base, self._cache(), echo=echo, svd_rank=self.svd_rank)
+            )
             if said:  # converted now: what the converter said (a DoRA adapter's SVD error) stays in /health
                 self._conversion_notes[adapter.id] = said
             return path

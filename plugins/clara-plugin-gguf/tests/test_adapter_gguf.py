@@ -283,6 +283,17 @@ def test_the_cache_converts_once_per_checksum_and_refuses_changed_files(register
     assert adapter_mod.cached_adapter_gguf(adapter, base, tmp_path / "cache") == path
     monkeypatch.undo()
 
+    # another SVD rank (the llamacpp engine's -o svd_rank) is another file, converted at that rank
+    dora, _ = records(ws, "dora")
+    own = adapter_mod.cached_adapter_gguf(dora, base, tmp_path / "cache")
+    ranked = adapter_mod.cached_adapter_gguf(dora, base, tmp_path / "cache", svd_rank=8)
+    import numpy as np
+
+    assert own.name == f"adapter-{dora.adapter_checksum[:16]}.gguf"
+    assert ranked.name == f"adapter-{dora.adapter_checksum[:16]}-svd8.gguf" and ranked.is_file()
+    ranks = {n: np.linalg.matrix_rank(d) for n, d in llama_cpp_deltas(ranked, base.config).items()}
+    assert max(ranks.values()) > 4 and max(ranks.values()) <= 8  # not the adapter's rank 4
+
     # the registered bytes decide: a file changed after registration is refused, nothing is written
     copy = Workspace.find(Path(shutil.copytree(ws.root, tmp_path / "ws")))
     changed, base = records(copy, "rs")

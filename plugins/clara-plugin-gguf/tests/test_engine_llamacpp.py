@@ -616,3 +616,25 @@ def test_chat_templates_render_as_transformers_renders_them(tmp_path: Path, temp
     if template is not None:
         with pytest.raises(Exception, match="alternate"):
             render_template(tokenizer.chat_template, broken, special)
+
+
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        ({"svd_rank": -1}, "-o svd_rank must be 0 (the adapter's own rank) or more, got -1"),
+        ({"n_ctx": -5}, "-o n_ctx must be 0 (the model's own) or more, got -5"),
+        ({"n_gpu_layers": -2}, "-o n_gpu_layers must be -1 (all), 0 or more, got -2"),
+    ],
+)
+def test_bad_engine_options_are_one_line_before_anything_loads(option: dict, said: str) -> None:
+    from types import SimpleNamespace
+
+    from clara_core.errors import InvalidInput
+    from clara_core.types import EngineOptions
+
+    registration = PluginManager().engine("llamacpp")
+    with pytest.raises(InvalidInput) as caught:
+        registration.create(
+            SimpleNamespace(name="tiny", path=Path("/nonexistent")), EngineOptions(extra=option)
+        )
+    assert said in str(caught.value) and "\n" not in str(caught.value)
