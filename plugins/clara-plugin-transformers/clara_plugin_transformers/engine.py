@@ -9,10 +9,11 @@ LoRA layer adds every adapter's delta to its contiguous slice of rows. That is t
 
 Plain LoRA adapters on linear layers (the common case) do not go through PEFT at all: their factors are read
 from the verified bytes (off the worker) and kept by module, and the same slice-wise hook on the base's linear
-layers applies them. The worker only hooks them in (0.2-0.8 ms for a rank-8 adapter on the benchmarks' small
-bases), where PEFT injecting modules into the model takes 18-78 ms, most of it walking the model's modules; with more adapters than
-slots (``--max-loaded``) a load happens for every few requests, between decoding steps, and every running row
-waits for it. Everything else (DoRA, trained copies of modules, embedding LoRA, ...) is loaded by PEFT.
+layers applies them (trained biases too, as their difference from the base's). The worker only hooks them in
+(0.2-0.8 ms for a rank-8 adapter on the benchmarks' small bases), where PEFT injecting modules into the model
+takes 18-78 ms, most of it walking the model's modules; with more adapters than slots (``--max-loaded``) a load
+happens for every few requests, between decoding steps, and every running row waits for it. Everything else
+(DoRA, trained copies of modules, embedding LoRA, trainable tokens, ...) is loaded by PEFT.
 DoRA adapters, which PEFT cannot mix in a batch, each get their own group, decoded in turn with the mixed group. Adapter loads and
 unloads run on the same worker between steps, so the model never changes under a running forward pass.
 """
@@ -136,7 +137,7 @@ class TransformersEngine(EngineImpl):
         self._dora: dict[str, bool] = {}
         self._ids: dict[str, str] = {}  # PEFT adapter name -> clara id
         self._hooked: dict[int, Any] = {}
-        #: plain LoRA adapters applied without PEFT: id(base linear) -> PEFT name -> (A, B, scaling)
+        #: plain LoRA adapters applied without PEFT: id(base linear) -> PEFT name -> its factors and bias delta
         self._direct: dict[int, dict[str, _Module]] = {}
         self._direct_hooks: dict[int, Any] = {}  # id(base linear) -> its forward hook
         self._direct_modules: dict[str, list[int]] = {}  # PEFT name -> the linears it touches
@@ -413,8 +414,12 @@ class TransformersEngine(EngineImpl):
         for module, (a, b, scaling) in lora.items():
             target = linear(module)
             if target is None:
-                if biases:
-                    raise _bias_not_servable(adapter_id, {"bias": "all"})
+                if biases:  # PEFT would write the biases into the base (see _load_adapter)
+                    raise AdapterNotServable(
+                        f"adapter '{adapter_id}' trains bias terms beside a LoRA of '{module}', which is not a "
+                        "linear layer; the transformers engine applies trained biases to the adapter's own rows "
+                        "only for LoRA of linear layers: retrain it with bias='none', or merge it into the base"
+                    )
                 return False  # a LoRA of another layer type: PEFT's business
             rank = a.shape[0]
             if tuple(a.shape) != (rank, target.in_features) or tuple(b.shape) != (target.out_features, rank):
@@ -479,10 +484,9 @@ class TransformersEngine(EngineImpl):
         its own group through PEFT itself."""
         from peft.tuners.lora.layer import Linear
 
+        # modules_to_save, trainable tokens, variants: PEFT computes them, in their own group
         if any(value for key, value in config.items() if key not in _DIRECT_SETTINGS | {"fan_in_fan_out"}):
-            return (
-                False  # modules_to_save, trainable tokens, variants: PEFT computes them, in their own group
-            )
+            return False
         for layer in self._lora_layers():
             if adapter_id in getattr(layer, "lora_embedding_A", {}) or adapter_id in getattr(
                 layer, "lora_variant", {}
