@@ -218,6 +218,7 @@ class EmbeddingRouter(RouterImpl):
         held_owner = [i for i, a in enumerate(request.adapters) for _ in request.held_out.get(a.id, [])]
         scores: dict[int, float] = {}
         held_at: dict[int, Any] = {}  # the held-out texts embedded, by layer
+        examples_at: dict[int, Any] = {}  # the training texts embedded (with their cache entries), by layer
 
         def embedded_held(at: int) -> Any:
             if at not in held_at:
@@ -231,8 +232,8 @@ class EmbeddingRouter(RouterImpl):
                     "more training data (or a larger --sample), or set the layer (-o layer=0)"
                 )
             for candidate in _layer_candidates(request.base):
-                raw = self._embed_examples(request, candidate, cache)[0]
-                self._fit_centroids(raw, ids, k, centre_on, whiten)
+                examples_at[candidate] = self._embed_examples(request, candidate, cache)
+                self._fit_centroids(examples_at[candidate][0], ids, k, centre_on, whiten)
                 routed = self._route_embedded(embedded_held(candidate), 0.0)
                 right = sum(d.adapter_id == ids[o] for d, o in zip(routed, held_owner, strict=True))
                 scores[candidate] = right / len(held)
@@ -240,7 +241,7 @@ class EmbeddingRouter(RouterImpl):
             layer = max(scores, key=lambda c: (scores[c], -c if c >= 0 else -1e9))
         else:
             layer = int(chosen)
-        raw, cache_meta, arrays = self._embed_examples(request, layer, cache)
+        raw, cache_meta, arrays = examples_at.get(layer) or self._embed_examples(request, layer, cache)
         white = self._fit_centroids(raw, ids, k, centre_on, whiten)
         self.arrays.update(arrays)
         self.state = {
