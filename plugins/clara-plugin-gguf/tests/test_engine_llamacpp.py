@@ -567,7 +567,7 @@ def test_registered_lazily_without_heavy_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     options, heavy = out.strip().splitlines()[-2:]
-    assert options == "['n_ctx', 'n_gpu_layers', 'n_threads', 'outtype']"
+    assert options == "['n_ctx', 'n_gpu_layers', 'n_threads', 'outtype', 'svd_rank']"
     assert heavy == "[]", out
 
 
