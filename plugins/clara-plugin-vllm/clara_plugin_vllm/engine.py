@@ -8,7 +8,14 @@ vLLM on a private event loop in one background thread and crosses over with
 blocking it, and :meth:`VllmEngine.generate` relays vLLM's stream into the caller's loop. A caller that stops
 iterating (a client that disconnects) cancels the relay, and vLLM's ``generate`` aborts the request on
 cancellation (vllm/v1/engine/async_llm.py, ``AsyncLLM.generate``: ``except (asyncio.CancelledError,
-GeneratorExit): await self.abort(...)``). Running vLLM's V1 engine outside the main thread needs vLLM 0.10.2 or
+GeneratorExit): await self.abort(...)``).
+
+vLLM loads a LoRA adapter from a folder path. So that it loads exactly the bytes clara checked, the engine reads
+the adapter's files once (:func:`read_verified_adapter`: their checksum must be the registered one) and writes
+those bytes into a private snapshot folder (``models/cache/vllm-adapters/``, one folder per load, removed at the
+unload); vLLM gets that folder, never the registered one, so a file swapped after the check is never served.
+
+Running vLLM's V1 engine outside the main thread needs vLLM 0.10.2 or
 later: vllm-project/vllm#23298 removed the V1 main-thread guard (earlier V1 releases installed signal handlers,
 which only work in the main thread); this plugin requires vllm>=0.11.
 
@@ -24,6 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import re
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,6 +57,7 @@ from clara_core.plugin_api import (
     NotFound,
     check_prompt_fits,
     first_line,
+    read_verified_adapter,
 )
 
 from . import require_vllm
@@ -53,7 +65,6 @@ from .errors import AdapterLoadFailed, VllmRequestFailed, VllmStartFailed
 from .translate import (
     ChunkTranslator,
     LoraIdAllocator,
-    adapter_peft_config,
     check_adapter_servable,
     check_engine_arg_names,
     derive_lora_limits,
@@ -78,6 +89,24 @@ class _LoadedAdapter:
     request: Any  # vllm.lora.request.LoRARequest
     checksum: str | None
     rank: int
+    folder: Path  # the snapshot of the verified bytes vLLM loaded from
+
+
+def write_snapshot(root: Path, adapter_id: str, files: Any) -> Path:
+    """A new folder under ``root`` holding exactly ``files`` (verified ``AdapterFiles``): the weights' bytes and
+    the config as read, for vLLM to load; written under a temporary name, then renamed (never half there)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", adapter_id)[:80]
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=root))
+    try:
+        (staging / "adapter_model.safetensors").write_bytes(files.weights)
+        (staging / "adapter_config.json").write_text(json.dumps(files.config, indent=2), encoding="utf-8")
+        folder = root / f"{stem}-{files.checksum[:12]}-{staging.name.rsplit('-', 1)[-1]}"
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
 
 
 class VllmEngine(EngineImpl):
@@ -106,6 +135,13 @@ class VllmEngine(EngineImpl):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vllm_version = "unknown"
+        #: where the snapshots of verified adapter bytes go (a temporary folder where there is no workspace)
+        self._own_snapshots = options.cache_dir is None
+        self.snapshot_root = (
+            Path(tempfile.mkdtemp(prefix="clara-vllm-adapters-"))
+            if options.cache_dir is None
+            else Path(options.cache_dir) / "vllm-adapters"
+        )
 
     # -- the private event loop ----------------------------------------------------------------------------
 
@@ -198,8 +234,13 @@ class VllmEngine(EngineImpl):
             with contextlib.suppress(Exception):
                 await self._call(self._shutdown_llm(llm), timeout=120)
         with self._lock:
+            folders = [entry.folder for entry in self._loaded.values()]
             self._loaded.clear()
         await asyncio.to_thread(self._stop_loop)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self._own_snapshots:
+            shutil.rmtree(self.snapshot_root, ignore_errors=True)
 
     @staticmethod
     async def _shutdown_llm(llm: Any) -> None:
@@ -208,30 +249,31 @@ class VllmEngine(EngineImpl):
     # -- adapters ------------------------------------------------------------------------------------------
 
     async def load_adapter(self, adapter: AdapterRecord) -> None:
+        # read once, hash those bytes (Conflict unless they are the registered ones), hand vLLM those bytes
+        files = await asyncio.to_thread(read_verified_adapter, adapter)
         # vLLM's own checks would only fire inside its engine process, at add_lora or at the first request:
-        # clara refuses what vLLM cannot serve here, from the registry record and adapter_config.json.
-        config = await asyncio.to_thread(adapter_peft_config, adapter)
-        rank = check_adapter_servable(adapter, self.limits.max_lora_rank, config)
+        # clara refuses what vLLM cannot serve here, from the registry record and the verified config.
+        rank = check_adapter_servable(adapter, self.limits.max_lora_rank, files.config)
         llm = self._require_started()
         with self._lock:
             current = self._loaded.get(adapter.id)
         if current is not None:
-            if current.checksum == adapter.adapter_checksum:
+            if current.checksum == files.checksum:
                 return
             await self.unload_adapter(adapter.id)  # same id, new files: drop vLLM's copy of the old ones
         from vllm.lora.request import LoRARequest
 
+        folder = await asyncio.to_thread(write_snapshot, self.snapshot_root, adapter.id, files)
         with self._lock:
-            lora_int_id = self._ids.id_for(adapter.id, adapter.adapter_checksum)
-        lora_request = LoRARequest(**lora_request_kwargs(adapter, lora_int_id))
+            lora_int_id = self._ids.id_for(adapter.id, files.checksum)
+        lora_request = LoRARequest(**lora_request_kwargs(adapter, lora_int_id, folder))
         try:
             await self._call(llm.add_lora(lora_request))
         except Exception as exc:
-            raise AdapterLoadFailed(
-                f"vLLM could not load adapter '{adapter.id}' from {adapter.path}: {_describe(exc)}"
-            ) from exc
+            shutil.rmtree(folder, ignore_errors=True)
+            raise AdapterLoadFailed(f"vLLM could not load adapter '{adapter.id}': {_describe(exc)}") from exc
         with self._lock:
-            self._loaded[adapter.id] = _LoadedAdapter(lora_request, adapter.adapter_checksum, rank)
+            self._loaded[adapter.id] = _LoadedAdapter(lora_request, files.checksum, rank, folder)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         llm = self._require_started()
@@ -241,6 +283,7 @@ class VllmEngine(EngineImpl):
             raise NotFound(f"adapter '{adapter_id}' is not loaded in the vLLM engine")
         try:
             await self._call(llm.remove_lora(entry.request.lora_int_id))
+            await asyncio.to_thread(shutil.rmtree, entry.folder, True)
         except Exception as exc:
             raise VllmRequestFailed(
                 f"vLLM could not unload adapter '{adapter_id}': {_describe(exc)}; it is no longer served"

@@ -376,11 +376,13 @@ class LoraIdAllocator:
         return len(self._ids)
 
 
-def lora_request_kwargs(adapter: Any, lora_int_id: int) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.lora.request.LoRARequest``: the clara id as the name, the folder path."""
+def lora_request_kwargs(adapter: Any, lora_int_id: int, folder: Path | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.lora.request.LoRARequest``: the clara id as the name, the folder to load
+    from (``folder``, the engine's snapshot of the verified bytes; else the adapter's own folder)."""
     if lora_int_id < 1:
         raise ValueError(f"lora_int_id must be at least 1, got {lora_int_id}")
-    return {"lora_name": adapter.id, "lora_int_id": lora_int_id, "lora_path": str(Path(adapter.path))}
+    path = Path(folder if folder is not None else adapter.path)
+    return {"lora_name": adapter.id, "lora_int_id": lora_int_id, "lora_path": str(path)}
 
 
 # -- requests and outputs ------------------------------------------------------------------------------------

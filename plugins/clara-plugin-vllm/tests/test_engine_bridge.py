@@ -17,6 +17,7 @@ import importlib.machinery
 import sys
 import threading
 import types
+from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
@@ -223,3 +224,51 @@ def test_vllm_errors_become_clara_errors(populated, fake_vllm):
             await collect(engine)
 
     asyncio.run(scenario())
+
+
+def test_vllm_loads_a_snapshot_of_the_verified_bytes_never_the_registered_folder(
+    populated, fake_vllm, tmp_path
+):
+    """vLLM reads adapters from a path: the engine gives it a private copy of the bytes whose checksum it checked,
+    so a file swapped in the registered folder after the check is never served; a folder that already changed
+    is refused before vLLM is asked; the copy goes at the unload."""
+    import shutil
+
+    from clara_core import hashing
+    from clara_core.errors import Conflict
+
+    adapters = populated["adapters"]
+    cache = tmp_path / "cache"
+    engine = VllmEngine(populated["base"], EngineOptions(extra={"max_model_len": 64}, cache_dir=cache))
+
+    async def scenario() -> None:
+        await engine.start()
+        llm = FakeAsyncLLM.instances[-1]
+        steuer = adapters["steuer"]
+        await engine.load_adapter(steuer)
+        (request,) = llm.loras.values()
+        folder = Path(request.lora_path)
+        assert folder.parent == cache / "vllm-adapters" and folder != Path(steuer.path)
+        assert hashing.adapter_checksum(folder) == steuer.adapter_checksum  # exactly the checked bytes
+        # the registered folder changes after the load: what vLLM holds stays the checked copy
+        weights = Path(steuer.path) / "adapter_model.safetensors"
+        original = weights.read_bytes()
+        shutil.copy(Path(adapters["sozial"].path) / "adapter_model.safetensors", weights)
+        assert hashing.adapter_checksum(folder) == steuer.adapter_checksum
+        await engine.unload_adapter(steuer.id)
+        assert not folder.exists() and llm.loras == {}
+        with pytest.raises(Conflict, match="files changed since registration"):
+            await engine.load_adapter(steuer)  # now the folder itself is refused, vLLM never asked
+        assert llm.loras == {} and list((cache / "vllm-adapters").iterdir()) == []
+        weights.write_bytes(original)
+        await engine.load_adapter(steuer)
+        await engine.shutdown()
+        assert list((cache / "vllm-adapters").iterdir()) == []  # the shutdown removes the copies
+
+    asyncio.run(scenario())
+
+    own = VllmEngine(populated["base"], EngineOptions(extra={"max_model_len": 64}))  # no workspace cache
+    assert own.snapshot_root.is_dir()
+    asyncio.run(own.start())
+    asyncio.run(own.shutdown())
+    assert not own.snapshot_root.exists()
