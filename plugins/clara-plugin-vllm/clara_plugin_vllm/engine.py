@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import re
 import shutil
 import tempfile
 import threading
@@ -72,6 +70,8 @@ from .translate import (
     lora_request_kwargs,
     prompt_input,
     sampling_params_kwargs,
+    snapshot_stem,
+    write_snapshot,
 )
 
 #: Seconds a blocking call (adapter load, unload) waits for vLLM before giving up.
@@ -90,23 +90,6 @@ class _LoadedAdapter:
     checksum: str | None
     rank: int
     folder: Path  # the snapshot of the verified bytes vLLM loaded from
-
-
-def write_snapshot(root: Path, adapter_id: str, files: Any) -> Path:
-    """A new folder under ``root`` holding exactly ``files`` (verified ``AdapterFiles``): the weights' bytes and
-    the config as read, for vLLM to load; written under a temporary name, then renamed (never half there)."""
-    root.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", adapter_id)[:80]
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=root))
-    try:
-        (staging / "adapter_model.safetensors").write_bytes(files.weights)
-        (staging / "adapter_config.json").write_text(json.dumps(files.config, indent=2), encoding="utf-8")
-        folder = root / f"{stem}-{files.checksum[:12]}-{staging.name.rsplit('-', 1)[-1]}"
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
 
 
 class VllmEngine(EngineImpl):
@@ -263,7 +246,8 @@ class VllmEngine(EngineImpl):
             await self.unload_adapter(adapter.id)  # same id, new files: drop vLLM's copy of the old ones
         from vllm.lora.request import LoRARequest
 
-        folder = await asyncio.to_thread(write_snapshot, self.snapshot_root, adapter.id, files)
+        name = f"{snapshot_stem(adapter.id, files.checksum)}-{uuid.uuid4().hex[:8]}"  # one folder per load
+        folder = await asyncio.to_thread(write_snapshot, self.snapshot_root, name, files)
         with self._lock:
             lora_int_id = self._ids.id_for(adapter.id, files.checksum)
         lora_request = LoRARequest(**lora_request_kwargs(adapter, lora_int_id, folder))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,15 @@ from clara_core.plugin_api import (
     BaseRecord,
     ClaraError,
     Registry,
+    adapter_checksum,
     base_model_hash,
     check_adapter_for_base,
     find_registry_path,
+    read_verified_adapter,
     validate_adapter_id,
 )
 
-from .translate import adapter_peft_config, vllm_feature_problems
+from .translate import snapshot_stem, vllm_feature_problems, write_snapshot
 
 #: The name the resolver is registered under in vLLM's LoRAResolverRegistry.
 RESOLVER_NAME = "clara"
@@ -149,12 +152,27 @@ class ClaraRegistryResolver:
                 check_adapter_for_base(adapter, base)
         except ClaraError as exc:
             return Decision(lora_name, None, str(exc))
-        problems = vllm_feature_problems(adapter.id, adapter_peft_config(adapter), adapter.method or "")
+        try:
+            # vLLM loads from a folder: a snapshot of the bytes whose checksum was just checked, never the
+            # registered folder (a file swapped there later is not what vLLM reads)
+            files = read_verified_adapter(adapter)
+        except ClaraError as exc:
+            return Decision(lora_name, None, str(exc))
+        problems = vllm_feature_problems(adapter.id, files.config, adapter.method or "")
         if problems:
             return Decision(lora_name, None, "; ".join(problems))
+        # one snapshot per checksum in the workspace's cache (vLLM may load it again after evicting it)
+        cache = self.registry_path.parents[1] / "models" / "cache" / "vllm-adapters" / "resolved"
+        name = snapshot_stem(adapter.id, files.checksum)
+        try:
+            if (cache / name).is_dir() and adapter_checksum(cache / name) != files.checksum:
+                shutil.rmtree(cache / name)  # not what clara wrote there: written again below
+        except ClaraError:
+            shutil.rmtree(cache / name, ignore_errors=True)
+        folder = write_snapshot(cache, name, files)
         return Decision(
             lora_name,
-            str(adapter.path),
+            str(folder),
             f"adapter '{adapter.id}' (checksum {(adapter.adapter_checksum or '')[:12]}) matches base "
             f"'{base.name}' ({base.base_model_hash[:12]})",
             stable_lora_int_id(adapter.id, adapter.adapter_checksum),

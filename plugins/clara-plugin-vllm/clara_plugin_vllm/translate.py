@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -374,6 +377,34 @@ class LoraIdAllocator:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+
+def snapshot_stem(adapter_id: str, checksum: str) -> str:
+    """The start of a snapshot folder's name: the adapter id (file-name safe) and the checksum's first digits."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', adapter_id)[:80]}-{checksum[:12]}"
+
+
+def write_snapshot(root: Path, name: str, files: Any) -> Path:
+    """``root/name`` holding exactly ``files`` (verified ``AdapterFiles``): the weights' bytes and the config as
+    read, what vLLM loads a LoRA adapter from (``adapter_model.safetensors`` and ``adapter_config.json``,
+    vllm/lora/lora_model.py ``LoRAModel.from_local_checkpoint`` and ``PEFTHelper.from_local_dir``). Written
+    under a temporary name, then renamed: never half there; a folder of that name already there is kept."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / name
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        (staging / "adapter_model.safetensors").write_bytes(files.weights)
+        (staging / "adapter_config.json").write_text(json.dumps(files.config, indent=2), encoding="utf-8")
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "adapter_model.safetensors").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # written by another process meanwhile: the same bytes
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
 
 
 def lora_request_kwargs(adapter: Any, lora_int_id: int, folder: Path | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 from clara_plugin_vllm import resolver as resolver_module
@@ -18,23 +19,36 @@ from clara_plugin_vllm.resolver import (
     stable_lora_int_id,
 )
 
+from clara_core import hashing
+
 
 @pytest.fixture
 def core(populated) -> ClaraRegistryResolver:
     return ClaraRegistryResolver(populated["workspace"].registry_path)
 
 
-def test_a_registered_adapter_resolves_to_its_folder_for_the_registered_base_folder(populated, core):
+def test_a_registered_adapter_resolves_to_a_snapshot_of_its_checked_bytes(populated, core):
+    """vLLM gets a folder in the workspace's cache holding exactly the bytes whose checksum was checked, not the
+    registered folder: a file swapped there later is not what vLLM reads. One snapshot per checksum, reused;
+    a snapshot that no longer holds those bytes is written again."""
     adapter = populated["adapters"]["steuer"]
     decision = core.decide(str(populated["base"].path), adapter.id)
     assert decision.resolved, decision.reason
-    assert decision.lora_path == str(adapter.path)
+    snapshot = Path(decision.lora_path)
+    cache = populated["workspace"].root / "models" / "cache" / "vllm-adapters" / "resolved"
+    assert snapshot.parent == cache and snapshot != adapter.path
+    assert hashing.adapter_checksum(snapshot) == adapter.adapter_checksum
     assert decision.lora_int_id == stable_lora_int_id(adapter.id, adapter.adapter_checksum) >= 1
     assert decision.lora_request_kwargs() == {
         "lora_name": adapter.id,
         "lora_int_id": decision.lora_int_id,
-        "lora_path": str(adapter.path),
+        "lora_path": str(snapshot),
     }
+    again = core.decide(str(populated["base"].path), adapter.id)
+    assert again.lora_path == decision.lora_path and len(list(cache.iterdir())) == 1
+    (snapshot / "adapter_model.safetensors").write_bytes(b"tampered")
+    fixed = core.decide(str(populated["base"].path), adapter.id)
+    assert hashing.adapter_checksum(Path(fixed.lora_path)) == adapter.adapter_checksum
 
 
 def test_the_served_model_may_be_named_by_the_registered_base_name(populated, core):
@@ -125,7 +139,8 @@ def test_the_vllm_resolver_class_answers_with_lora_requests_or_none(populated, c
     adapter = populated["adapters"]["steuer"]
     found = asyncio.run(vllm_resolver.resolve_lora(base, adapter.id))
     assert isinstance(found, FakeLoRARequest)
-    assert (found.lora_name, found.lora_path) == (adapter.id, str(adapter.path))
+    assert found.lora_name == adapter.id
+    assert hashing.adapter_checksum(Path(found.lora_path)) == adapter.adapter_checksum
     assert asyncio.run(vllm_resolver.resolve_lora(base, populated["adapters"]["dora"].id)) is None
     assert asyncio.run(vllm_resolver.resolve_lora(base, "nope-lora-r4-v1")) is None
 
