@@ -242,7 +242,8 @@ def export_factors(
         if factors[worst].error > SVD_WARN_ERROR:
             echo(
                 f"The SVD drops {factors[worst].error:.0%} of a DoRA delta at this rank; export with --merged for "
-                "the exact model, or with a higher --svd-rank"
+                "the exact model, or raise the SVD rank (clara export ollama --svd-rank R; clara --engine llamacpp "
+                "serve -o svd_rank=R)"
             )
     return factors
 

@@ -229,6 +229,7 @@ def test_dora_is_an_svd_within_its_recorded_error(registered, base_dir, tmp_path
     lines.clear()
     higher = convert_adapter(adapter, base, tmp_path / "dora8.gguf", echo=lines.append, svd_rank=8)
     assert any("at rank 8;" in line for line in lines), lines
+    assert any("--svd-rank R" in line and "-o svd_rank=R" in line for line in lines), lines  # the >5% hint
     assert all(higher.errors[m] < conversion.errors[m] for m in conversion.errors)
     got8 = llama_cpp_deltas(higher.path, base.config)
     assert all(np.linalg.matrix_rank(got8[name]) <= 8 for name in got8)
